@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what kvq needs to build and test on Debian 12 (or Ubuntu 22.04+),
+# skipping whatever is already present. Safe to run again.
+set -euo pipefail
+
+apt_packages=(build-essential cmake g++ clang libclang-rt-14-dev googletest libgtest-dev libbenchmark-dev
+              libfmt-dev libcli11-dev nlohmann-json3-dev python3 python3-pip unzip ca-certificates)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "kvq: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Python side of the test suite: NumPy references and the gguf package for fixtures.
+py_missing=()
+python3 -c "import numpy" 2>/dev/null || py_missing+=("numpy")
+python3 -c "import gguf" 2>/dev/null || py_missing+=("gguf==0.19.0")
+python3 -c "import pytest" 2>/dev/null || py_missing+=("pytest")
+if ((${#py_missing[@]})); then
+  echo "kvq: installing Python packages: ${py_missing[*]}"
+  python3 -m pip install -q "${py_missing[@]}" 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages "${py_missing[@]}"
+fi

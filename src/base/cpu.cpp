@@ -1,0 +1,44 @@
+#include "base/cpu.h"
+
+#include <atomic>
+
+namespace kvq {
+
+namespace {
+SimdLevel detect() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return SimdLevel::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi2"))
+    return SimdLevel::avx2;
+#endif
+  return SimdLevel::scalar;
+}
+std::atomic<SimdLevel>& current() {
+  static std::atomic<SimdLevel> level{detect()};
+  return level;
+}
+}  // namespace
+
+SimdLevel detected_simd_level() {
+  static const SimdLevel level = detect();
+  return level;
+}
+SimdLevel simd_level() { return current().load(std::memory_order_relaxed); }
+void set_simd_level(SimdLevel level) {
+  if (level > detected_simd_level()) level = detected_simd_level();
+  current().store(level);
+}
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::avx512: return "avx512";
+    case SimdLevel::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace kvq

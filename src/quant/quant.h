@@ -1,0 +1,53 @@
+// Weight types: one traits table describes every type kvq computes with.
+// Each row has a scalar reference (the oracle in tests) and the dispatched fast
+// path. Adding a type = a row here + its reference + optionally a SIMD kernel.
+#pragma once
+#include <cstdint>
+
+#include "gguf/ggml_types.h"
+
+namespace kvq {
+
+class ThreadPool;
+
+using ToFloatFn = void (*)(const void* src, float* dst, int64_t n);      // n % block_elems == 0
+using FromFloatFn = void (*)(const float* src, void* dst, int64_t n);    // n % block_elems == 0
+// Dot product of one weight row (this type) with one activation row (vec_dot_type), n elements.
+using VecDotFn = float (*)(int64_t n, const void* w, const void* a);
+
+struct QuantTraits {
+  GgmlType type;
+  int block_elems;
+  int block_bytes;
+  ToFloatFn to_float_ref;      // scalar reference dequantization
+  FromFloatFn from_float_ref;  // scalar reference quantization (nullptr: not supported)
+  GgmlType vec_dot_type;       // the activation type this type's dot product consumes
+  VecDotFn vec_dot_ref;        // scalar reference dot product
+};
+
+// Traits of a weight type kvq can compute with; nullptr for types it cannot.
+const QuantTraits* quant_traits(GgmlType type);
+
+// Fast (dispatched once per call on simd_level()) versions of the reference functions.
+void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
+void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
+float vec_dot(GgmlType type, int64_t n, const void* w, const void* a);
+
+// A 2-D weight matrix as stored in GGUF: `rows` rows of `cols` elements, row-major.
+struct WeightView {
+  GgmlType type;
+  int64_t rows;  // output features
+  int64_t cols;  // input features
+  const void* data;
+  uint64_t row_bytes;
+};
+
+// y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens; x and y are row-major f32
+// (stride = cols and rows). Activations are quantized to vec_dot_type once.
+// Uses every thread of the pool.
+void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool);
+
+// The scalar-reference version of matmul (single thread), for tests.
+void matmul_ref(const WeightView& w, const float* x, float* y, int64_t n_tokens);
+
+}  // namespace kvq
