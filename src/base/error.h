@@ -4,14 +4,11 @@
 #pragma once
 #include <fmt/format.h>
 
-#include <stdexcept>
 #include <string>
 
-namespace kvq {
+#include "kvq/error.h"
 
-struct Error : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+namespace kvq {
 
 template <class... Args>
 [[noreturn]] void fail(fmt::format_string<Args...> format, Args&&... args) {

@@ -1,0 +1,161 @@
+// kvq public API: load a GGUF model, run it with a (quantizable) KV cache,
+// sample tokens. Tools use only this header. Errors throw kvq::Error with a
+// one-line message naming the problem.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "kvq/error.h"
+
+namespace kvq {
+
+std::string_view version();
+
+// ---- Model -------------------------------------------------------------------
+
+struct TensorSummary {
+  std::string name;
+  std::string type;            // "q4_1", "f32", ...
+  std::vector<int64_t> dims;   // GGUF order: dims[0] contiguous
+  uint64_t bytes = 0;
+};
+
+struct ModelInfo {
+  std::string path;
+  std::string architecture;    // "llama"
+  std::string name;            // general.name
+  uint32_t gguf_version = 0;
+  int64_t n_params = 0;
+  uint64_t weight_bytes = 0;   // bytes of all tensor data in the file
+  int n_vocab = 0, n_ctx_train = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0;
+  int head_dim = 0, n_ff = 0, n_rot = 0;
+  float rope_freq_base = 0, rope_freq_scale = 1, rms_eps = 0;
+  bool rope_neox = false;      // pairing: false = (2i, 2i+1), true = (i, i + n_rot/2)
+  bool tied_output = false;    // output head shares the token embedding
+  std::string tokenizer_model, tokenizer_pre;
+  std::vector<std::pair<std::string, std::string>> metadata;  // key, printable value
+  std::vector<TensorSummary> tensors;
+};
+
+struct ChatMessage {
+  std::string role;     // "system", "user", "assistant"
+  std::string content;
+};
+
+class Model {
+ public:
+  // Memory-maps and validates the file; throws kvq::Error("PATH: ...").
+  static std::shared_ptr<const Model> load(const std::string& path);
+  ~Model();
+
+  const ModelInfo& info() const;
+
+  // Tokenizer (from the file's metadata).
+  std::vector<int32_t> tokenize(std::string_view text, bool add_bos, bool parse_special = false) const;
+  std::string token_bytes(int32_t id) const;  // raw bytes; may be a partial UTF-8 sequence
+  std::string detokenize(std::span<const int32_t> ids) const;
+  bool add_bos_default() const;
+  int32_t bos_id() const;  // -1 if none
+  bool is_end_of_generation(int32_t id) const;
+
+  // Renders a conversation with the model's chat template (ChatML, Llama 2/3 ...),
+  // ending with the assistant's turn opened when add_generation_prompt.
+  // Throws if the model has no template kvq understands.
+  std::string apply_chat_template(std::span<const ChatMessage> messages, bool add_generation_prompt) const;
+
+  struct Impl;
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- KV cache formats ----------------------------------------------------------
+
+struct KvFormatInfo {
+  std::string name;         // what the user types: "f16", "f32", ...
+  double bits_per_element;  // storage cost including per-block metadata
+  bool pre_rope;            // keys stored before RoPE (RoPE applied after reading)
+  std::string description;
+};
+std::vector<KvFormatInfo> kv_formats();  // every format kvq supports
+
+// ---- Session -------------------------------------------------------------------
+
+struct SessionParams {
+  int64_t n_ctx = 0;         // context length in tokens; 0 = the model's training context
+  int n_threads = 0;         // 0 = every core
+  int n_batch = 512;         // tokens per forward chunk during prompt processing
+  std::string cache_type_k = "f16";
+  std::string cache_type_v = "f16";
+};
+
+struct KvStats {
+  std::string type_k, type_v;
+  int64_t n_tokens = 0;      // tokens held
+  int64_t n_ctx = 0;         // capacity
+  uint64_t bytes_k = 0;      // bytes really allocated for keys
+  uint64_t bytes_v = 0;      // and values
+  uint64_t bytes() const { return bytes_k + bytes_v; }
+};
+
+// Called with (index of the token in the evaluated span, its next-token logits).
+using LogitsCallback = std::function<void(int64_t index, std::span<const float> logits)>;
+
+class Session {
+ public:
+  Session(std::shared_ptr<const Model> model, const SessionParams& params);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // Appends tokens at positions n_past()..n_past()+n-1 and runs them. Returns the
+  // logits after the last token. Throws (losing nothing already in the context)
+  // if the tokens do not fit in the context or an id is out of range.
+  std::span<const float> eval(std::span<const int32_t> tokens);
+  // Same, but reports the logits after every token, in order, through `on_logits`.
+  void eval_all(std::span<const int32_t> tokens, const LogitsCallback& on_logits);
+
+  int64_t n_past() const;
+  int64_t n_ctx() const;
+  int n_threads() const;
+  void reset();  // forget the context (the cache keeps its allocation)
+  KvStats kv_stats() const;
+  const Model& model() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- Sampling ------------------------------------------------------------------
+
+struct SamplerParams {
+  float temperature = 0.8f;  // <= 0: greedy (argmax)
+  int top_k = 40;            // <= 0: no top-k cut
+  float top_p = 0.95f;       // >= 1: no nucleus cut
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerParams& params);
+  int32_t sample(std::span<const float> logits);  // deterministic for a given seed
+
+ private:
+  SamplerParams params_;
+  uint64_t state_;
+  std::vector<std::pair<float, int32_t>> scratch_;
+};
+
+}  // namespace kvq
