@@ -39,6 +39,8 @@ class Value {
   std::string_view string_at(uint64_t i) const;
   int64_t int_at(uint64_t i) const;
   double float_at(uint64_t i) const;
+  // "uint32", "array of string", ... (for messages).
+  std::string describe() const;
 
  private:
   friend class File;
@@ -50,6 +52,8 @@ class Value {
   std::string_view str_;           // STRING payload
   const uint8_t* array_data_ = nullptr;          // numeric array payload
   std::vector<std::string_view> array_strings_;  // STRING array payload
+  const std::string* path_ = nullptr;            // for element-access error messages
+  std::string_view key_;
 };
 
 struct KeyValue {
@@ -82,6 +86,7 @@ class File {
   uint32_t version() const;
   uint64_t alignment() const;
   uint64_t file_size() const;
+  uint64_t data_offset() const;  // file offset of the (aligned) tensor data section
 
   const std::vector<KeyValue>& metadata() const;
   const Value* find(std::string_view key) const;  // nullptr if absent
@@ -108,6 +113,11 @@ class Writer {
   Writer();
   ~Writer();
   void set_alignment(uint64_t alignment);  // default 32
+  void add_uint8(std::string_view key, uint8_t v);
+  void add_int8(std::string_view key, int8_t v);
+  void add_uint16(std::string_view key, uint16_t v);
+  void add_int16(std::string_view key, int16_t v);
+  void add_int64(std::string_view key, int64_t v);
   void add_uint32(std::string_view key, uint32_t v);
   void add_int32(std::string_view key, int32_t v);
   void add_uint64(std::string_view key, uint64_t v);
@@ -118,6 +128,9 @@ class Writer {
   void add_string_array(std::string_view key, const std::vector<std::string>& v);
   void add_int32_array(std::string_view key, const std::vector<int32_t>& v);
   void add_float32_array(std::string_view key, const std::vector<float>& v);
+  // Array of any fixed-size element type (not STRING/ARRAY): `count` little-endian
+  // elements of that type at `elems`.
+  void add_array(std::string_view key, ValueType elem_type, const void* elems, uint64_t count);
   // `data` must hold exactly the bytes of a tensor of `type` and `dims`.
   void add_tensor(std::string_view name, GgmlType type, const std::vector<int64_t>& dims,
                   const void* data, uint64_t n_bytes);
