@@ -1,0 +1,263 @@
+#include "kernels/cpu/attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "base/cpu.h"
+#include "base/error.h"
+#include "base/threads.h"
+#include "kernels/cpu/attention_tile.h"
+
+namespace kvq {
+
+using attn::kTile;
+static_assert(attn::kTile == kKvPageTokens, "attention tiles are cache pages");
+
+namespace attn {
+
+void tile_step_scalar(const TileStep& t) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < t.rows; ++r) {
+    const float* q = t.q + int64_t(r) * t.hd;
+    float* s = t.s + int64_t(r) * kTile;
+    float tile_max = neg_inf;
+    for (int j = 0; j < t.n; ++j) {
+      if (t.kpos[j] > t.row_pos[r]) {
+        s[j] = neg_inf;
+        continue;
+      }
+      float dot = 0;
+      for (int d = 0; d < t.hd; ++d) dot += q[d] * t.kt[d * kTile + j];
+      s[j] = dot;
+      tile_max = std::max(tile_max, dot);
+    }
+    if (tile_max == neg_inf) continue;  // nothing visible in this tile
+    const float m_new = std::max(t.m[r], tile_max);
+    const float corr = std::exp(t.m[r] - m_new);
+    float* acc = t.acc + int64_t(r) * t.hd;
+    for (int d = 0; d < t.hd; ++d) acc[d] *= corr;
+    float sum = 0;
+    for (int j = 0; j < t.n; ++j) {
+      const float p = std::exp(s[j] - m_new);  // exp(-inf) = 0 for masked keys
+      sum += p;
+      const float* v = t.v + int64_t(j) * t.hd;
+      for (int d = 0; d < t.hd; ++d) acc[d] += p * v[d];
+    }
+    t.l[r] = t.l[r] * corr + sum;
+    t.m[r] = m_new;
+  }
+}
+
+}  // namespace attn
+
+namespace {
+
+// Decodes one head's key block of a page into kt[hd][kTile] (rotating pre-RoPE keys).
+void decode_keys(const KvLayerView& kv, int64_t page, int head, int n, float* kt, bool simd) {
+  const KvFormat& f = *kv.k_format;
+  const uint8_t* src = kv.k_block(page, head);
+  const int64_t count = int64_t(kv.head_dim) * kTile;
+#if defined(__x86_64__)
+  if (simd && f.id == KvFormatId::f16) {
+    attn::decode_f16_avx2(reinterpret_cast<const uint16_t*>(src), kt, count);
+  } else
+#endif
+  {
+    f.decode(src, kt, count);
+  }
+  if (f.keys_pre_rope) {
+    const RopeSpec& spec = kv.rope->spec();
+    const int half = spec.n_rot / 2;
+    std::vector<float> c(half), s(half);
+    for (int j = 0; j < n; ++j) {
+      kv.rope->angles(kv.positions[page * kTile + j], c.data(), s.data());
+      for (int i = 0; i < half; ++i) {
+        const int a = spec.neox ? i : 2 * i, b = spec.neox ? i + half : 2 * i + 1;
+        const float x = kt[a * kTile + j], y = kt[b * kTile + j];
+        kt[a * kTile + j] = x * c[i] - y * s[i];
+        kt[b * kTile + j] = x * s[i] + y * c[i];
+      }
+    }
+  }
+}
+
+void decode_values(const KvLayerView& kv, int64_t page, int head, float* v, bool simd) {
+  const KvFormat& f = *kv.v_format;
+  const uint8_t* src = kv.v_block(page, head);
+  const int64_t count = int64_t(kv.head_dim) * kTile;
+#if defined(__x86_64__)
+  if (simd && f.id == KvFormatId::f16) {
+    attn::decode_f16_avx2(reinterpret_cast<const uint16_t*>(src), v, count);
+    return;
+  }
+#endif
+  f.decode(src, v, count);
+}
+
+struct Scratch {
+  std::vector<float> q, kt, v, s, acc, m, l;
+  std::vector<int32_t> row_pos;
+};
+
+}  // namespace
+
+void attention(const AttentionArgs& a, ThreadPool& pool) {
+  const KvLayerView& kv = a.kv;
+  const int hd = kv.head_dim;
+  if (a.n_heads % kv.n_kv_heads != 0) fail("attention: {} query heads not a multiple of {} KV heads", a.n_heads, kv.n_kv_heads);
+  const int group = a.n_heads / kv.n_kv_heads;
+  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0;
+  const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
+
+  // Query blocks: a few tokens x every query head of the group share each decoded tile.
+  const int64_t qb_tokens = std::max(1, 24 / group);
+  const int64_t n_qblocks = (a.n_q + qb_tokens - 1) / qb_tokens;
+  const int64_t n_tiles = (kv.n_tokens + kTile - 1) / kTile;
+  // Split the key range when there are too few (head, block) tasks to feed every thread.
+  const int64_t base_tasks = int64_t(kv.n_kv_heads) * n_qblocks;
+  int64_t n_split = 1;
+  if (base_tasks < 4 * pool.size() && n_tiles > 1)
+    n_split = std::min<int64_t>(n_tiles, (4 * pool.size() + base_tasks - 1) / base_tasks);
+  const int64_t tiles_per_split = (n_tiles + n_split - 1) / n_split;
+  const int64_t n_tasks = base_tasks * n_split;
+  const int rows_max = int(qb_tokens) * group;
+
+  // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
+  const int64_t state_stride = hd + 2;
+  std::vector<float> partial(n_split > 1 ? size_t(n_tasks * rows_max * state_stride) : 0);
+
+  std::atomic<int64_t> next{0};
+  pool.run([&](int, int) {
+    thread_local Scratch sc;
+    sc.q.resize(size_t(rows_max) * hd);
+    sc.kt.resize(size_t(hd) * kTile);
+    sc.v.resize(size_t(hd) * kTile);
+    sc.s.resize(size_t(rows_max) * kTile);
+    sc.acc.resize(size_t(rows_max) * hd);
+    sc.m.resize(rows_max);
+    sc.l.resize(rows_max);
+    sc.row_pos.resize(rows_max);
+    for (int64_t task; (task = next.fetch_add(1)) < n_tasks;) {
+      const int64_t split = task % n_split;
+      const int64_t qb = (task / n_split) % n_qblocks;
+      const int kvh = int(task / n_split / n_qblocks);
+      const int64_t t0 = qb * qb_tokens, t1 = std::min(a.n_q, t0 + qb_tokens);
+      const int rows = int(t1 - t0) * group;
+      int32_t max_pos = std::numeric_limits<int32_t>::min();
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int g = 0; g < group; ++g) {
+          const int r = int(t - t0) * group + g;
+          const float* src = a.q + (t * a.n_heads + kvh * group + g) * hd;
+          for (int d = 0; d < hd; ++d) sc.q[size_t(r) * hd + d] = src[d] * a.scale;
+          sc.row_pos[r] = a.q_pos[t];
+        }
+        max_pos = std::max(max_pos, a.q_pos[t]);
+      }
+      std::fill_n(sc.m.begin(), rows, -std::numeric_limits<float>::infinity());
+      std::fill_n(sc.l.begin(), rows, 0.0f);
+      std::fill_n(sc.acc.begin(), size_t(rows) * hd, 0.0f);
+      const int64_t p0 = split * tiles_per_split, p1 = std::min(n_tiles, p0 + tiles_per_split);
+      for (int64_t p = p0; p < p1; ++p) {
+        if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
+        const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
+        decode_keys(kv, p, kvh, n, sc.kt.data(), simd);
+        decode_values(kv, p, kvh, sc.v.data(), simd);
+        tile_step({sc.q.data(), rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + p * kTile,
+                   sc.row_pos.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data()});
+      }
+      if (n_split == 1) {
+        for (int r = 0; r < rows; ++r) {
+          const int64_t t = t0 + r / group;
+          float* dst = a.out + (t * a.n_heads + kvh * group + r % group) * hd;
+          const float inv = sc.l[r] > 0 ? 1.0f / sc.l[r] : 0.0f;
+          for (int d = 0; d < hd; ++d) dst[d] = sc.acc[size_t(r) * hd + d] * inv;
+        }
+      } else {
+        float* st = partial.data() + size_t(task) * rows_max * state_stride;
+        for (int r = 0; r < rows; ++r) {
+          st[r * state_stride] = sc.m[r];
+          st[r * state_stride + 1] = sc.l[r];
+          std::copy_n(sc.acc.data() + size_t(r) * hd, hd, st + r * state_stride + 2);
+        }
+      }
+    }
+  });
+  if (n_split == 1) return;
+
+  // Merge the split states: rescale each part to the common max, then normalise.
+  pool.parallel_for(base_tasks, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(hd);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t qb = b % n_qblocks;
+      const int kvh = int(b / n_qblocks);
+      const int64_t t0 = qb * qb_tokens, t1 = std::min(a.n_q, t0 + qb_tokens);
+      const int rows = int(t1 - t0) * group;
+      for (int r = 0; r < rows; ++r) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t sp = 0; sp < n_split; ++sp)
+          m = std::max(m, partial[size_t((b * n_split + sp) * rows_max + r) * state_stride]);
+        float l = 0;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (m != -std::numeric_limits<float>::infinity()) {
+          for (int64_t sp = 0; sp < n_split; ++sp) {
+            const float* st = partial.data() + size_t((b * n_split + sp) * rows_max + r) * state_stride;
+            if (st[1] == 0) continue;
+            const float w = std::exp(st[0] - m);
+            l += st[1] * w;
+            for (int d = 0; d < hd; ++d) acc[d] += st[2 + d] * w;
+          }
+        }
+        const int64_t t = t0 + r / group;
+        float* dst = a.out + (t * a.n_heads + kvh * group + r % group) * hd;
+        const float inv = l > 0 ? 1.0f / l : 0.0f;
+        for (int d = 0; d < hd; ++d) dst[d] = acc[d] * inv;
+      }
+    }
+  });
+}
+
+void attention_ref(const AttentionArgs& a) {
+  const KvLayerView& kv = a.kv;
+  const int hd = kv.head_dim;
+  const int group = a.n_heads / kv.n_kv_heads;
+  std::vector<float> k(size_t(kv.n_tokens) * hd), v(size_t(kv.n_tokens) * hd), page(size_t(hd) * kTile);
+  std::vector<double> score(size_t(kv.n_tokens));
+  for (int h = 0; h < kv.n_kv_heads; ++h) {
+    // Decode every key and value of this head with the reference codecs.
+    for (int64_t i = 0; i < kv.n_tokens; ++i) {
+      const int64_t p = i / kTile, j = i % kTile;
+      kv.k_format->decode(kv.k_block(p, h), page.data(), int64_t(hd) * kTile);
+      for (int d = 0; d < hd; ++d) k[i * hd + d] = page[size_t(d) * kTile + j];
+      if (kv.k_format->keys_pre_rope) kv.rope->apply(&k[i * hd], 1, kv.positions[i]);
+      kv.v_format->decode(kv.v_block(p, h), page.data(), int64_t(hd) * kTile);
+      std::copy_n(page.data() + j * hd, hd, &v[i * hd]);
+    }
+    for (int64_t t = 0; t < a.n_q; ++t) {
+      for (int g = 0; g < group; ++g) {
+        const int qh = h * group + g;
+        const float* q = a.q + (t * a.n_heads + qh) * hd;
+        double mx = -INFINITY;
+        int64_t n_vis = 0;
+        for (int64_t i = 0; i < kv.n_tokens && kv.positions[i] <= a.q_pos[t]; ++i, ++n_vis) {
+          double dot = 0;
+          for (int d = 0; d < hd; ++d) dot += double(q[d]) * k[i * hd + d];
+          score[i] = dot * a.scale;
+          mx = std::max(mx, score[i]);
+        }
+        double sum = 0;
+        for (int64_t i = 0; i < n_vis; ++i) sum += (score[i] = std::exp(score[i] - mx));
+        float* out = a.out + (t * a.n_heads + qh) * hd;
+        for (int d = 0; d < hd; ++d) {
+          double o = 0;
+          for (int64_t i = 0; i < n_vis; ++i) o += score[i] * v[i * hd + d];
+          out[d] = n_vis ? float(o / sum) : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kvq

@@ -1,0 +1,155 @@
+// AVX2 + FMA tile step of the attention kernel (see attention_tile.h).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/cpu/attention_tile.h"
+
+namespace kvq::attn {
+
+namespace {
+
+// exp(x) for a vector, |rel err| < 2e-7 on [-87, 88]; exp(-inf) = 0.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.3f);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  // x = n*ln2 + r, |r| <= ln2/2
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  // exp(r) by a degree-6 polynomial (Taylor/minimax coefficients)
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  // Underflow to exactly zero (covers -inf inputs).
+  return _mm256_and_ps(res, _mm256_cmp_ps(x, lo, _CMP_GT_OQ));
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// s[r][0..31] (one half of the tile) for up to 3 rows at once: 12 accumulators,
+// each key vector loaded once per channel and reused across rows.
+template <int R>
+inline void scores_half(const float* q, int hd, const float* kt, float* s) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int d = 0; d < hd; ++d) {
+    const float* krow = kt + d * kTile;
+    const __m256 k0 = _mm256_loadu_ps(krow), k1 = _mm256_loadu_ps(krow + 8);
+    const __m256 k2 = _mm256_loadu_ps(krow + 16), k3 = _mm256_loadu_ps(krow + 24);
+    for (int r = 0; r < R; ++r) {
+      const __m256 qb = _mm256_broadcast_ss(q + r * hd + d);
+      acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(qb, k2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(qb, k3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(s + r * kTile + c * 8, acc[r][c]);
+}
+
+// acc[r][c0..c0+31] += sum_j p[r][j] * v[j][c0..c0+31] for up to 3 rows.
+template <int R>
+inline void accumulate_chunk(const float* p, int n, const float* v, int hd, int c0, int width, float* acc) {
+  __m256 a[R][4];
+  const int nv = width / 8;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) a[r][c] = _mm256_loadu_ps(acc + r * hd + c0 + c * 8);
+  for (int j = 0; j < n; ++j) {
+    const float* vrow = v + j * hd + c0;
+    __m256 vv[4];
+    for (int c = 0; c < nv; ++c) vv[c] = _mm256_loadu_ps(vrow + c * 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 pb = _mm256_broadcast_ss(p + r * kTile + j);
+      for (int c = 0; c < nv; ++c) a[r][c] = _mm256_fmadd_ps(pb, vv[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) _mm256_storeu_ps(acc + r * hd + c0 + c * 8, a[r][c]);
+}
+
+template <int R>
+void rows_block(const TileStep& t, int r0) {
+  const float* q = t.q + int64_t(r0) * t.hd;
+  float* s = t.s + int64_t(r0) * kTile;
+  scores_half<R>(q, t.hd, t.kt, s);
+  scores_half<R>(q, t.hd, t.kt + 32, s + 32);
+
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * kTile;
+    const int32_t rp = t.row_pos[r0 + r];
+    // Mask keys past the tile end or after the query's position.
+    for (int j = 0; j < kTile; ++j)
+      if (j >= t.n || t.kpos[j] > rp) sr[j] = neg_inf;
+    __m256 mx = _mm256_set1_ps(neg_inf);
+    for (int j = 0; j < kTile; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
+    const float tile_max = hmax(mx);
+    float* acc = t.acc + int64_t(r0 + r) * t.hd;
+    if (tile_max == neg_inf) {
+      // No visible key for this row: p = 0, state unchanged.
+      for (int j = 0; j < kTile; ++j) sr[j] = 0;
+      continue;
+    }
+    any = true;
+    const float m_new = std::max(t.m[r0 + r], tile_max);
+    const float corr = std::exp(t.m[r0 + r] - m_new);
+    const __m256 mv = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < kTile; j += 8) {
+      const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
+      _mm256_storeu_ps(sr + j, p);
+      sum = _mm256_add_ps(sum, p);
+    }
+    t.l[r0 + r] = t.l[r0 + r] * corr + hsum(sum);
+    t.m[r0 + r] = m_new;
+    const __m256 cv = _mm256_set1_ps(corr);
+    for (int d = 0; d < t.hd; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
+  }
+  if (!any) return;
+  for (int c0 = 0; c0 < t.hd; c0 += 32)
+    accumulate_chunk<R>(s, t.n, t.v, t.hd, c0, std::min(32, t.hd - c0), t.acc + int64_t(r0) * t.hd);
+}
+
+}  // namespace
+
+void tile_step_avx2(const TileStep& t) {
+  int r = 0;
+  for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
+  if (t.rows - r == 2) rows_block<2>(t, r);
+  else if (t.rows - r == 1) rows_block<1>(t, r);
+}
+
+void decode_f16_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
+}  // namespace kvq::attn

@@ -1,0 +1,90 @@
+// Where K and V live. Storage grows in pages of kKvPageTokens tokens as tokens
+// arrive, so the bytes reported are the bytes really allocated. The model hands
+// the cache keys *before* RoPE together with their positions; a format that
+// stores post-RoPE keys rotates them on the way in, a pre-RoPE format stores
+// them as they are and attention rotates after reading. Attention reads keys
+// and values only through a KvLayerView of this cache.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "formats/kv_format.h"
+#include "kernels/cpu/rope.h"
+
+namespace kvq {
+
+struct KvCacheConfig {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int64_t n_ctx = 0;               // capacity in tokens
+  const KvFormat* k_format = nullptr;
+  const KvFormat* v_format = nullptr;
+  RopeSpec rope;                   // how the model rotates keys
+};
+
+// A plain description of one layer's cache for the attention kernels.
+struct KvLayerView {
+  const KvFormat* k_format;
+  const KvFormat* v_format;
+  int n_kv_heads;
+  int head_dim;
+  int64_t n_tokens;                 // readable slots (committed + current batch)
+  const uint8_t* const* pages;      // pages[p]: keys of every head, then values
+  uint64_t k_head_bytes;            // bytes of one head's key block in a page
+  uint64_t v_head_bytes;
+  uint64_t v_offset;                // where values start within a page
+  const int32_t* positions;         // position of each slot (increasing)
+  const Rope* rope;                 // rotates pre-RoPE keys after reading
+
+  const uint8_t* k_block(int64_t page, int head) const { return pages[page] + k_head_bytes * head; }
+  const uint8_t* v_block(int64_t page, int head) const { return pages[page] + v_offset + v_head_bytes * head; }
+};
+
+class KvCache {
+ public:
+  explicit KvCache(const KvCacheConfig& config);
+
+  const KvCacheConfig& config() const { return config_; }
+  int64_t n_tokens() const { return n_tokens_; }
+
+  // A batch appends n tokens at the given positions (strictly increasing, after
+  // every position already held). Throws if the context would overflow; nothing
+  // changes until end_batch(), and abort_batch() forgets the batch.
+  void begin_batch(std::span<const int32_t> positions);
+  // Stores the batch's keys (pre-RoPE) and values for one layer:
+  // k, v: [n][n_kv_heads * head_dim].
+  void store(int layer, const float* k, const float* v);
+  void end_batch();
+  void abort_batch();
+  int64_t batch_size() const { return batch_n_; }
+
+  // The layer's readable tokens: committed ones plus the current batch (if stored).
+  KvLayerView view(int layer) const;
+
+  void clear();  // forget every token; pages stay allocated for reuse
+
+  uint64_t bytes_k() const;  // bytes really allocated
+  uint64_t bytes_v() const;
+
+ private:
+  void ensure_pages(int64_t n_tokens);
+
+  KvCacheConfig config_;
+  Rope rope_;
+  uint64_t k_head_bytes_, v_head_bytes_, v_offset_, page_bytes_;
+  struct Layer {
+    std::vector<std::unique_ptr<uint8_t[]>> owned;
+    std::vector<const uint8_t*> pages;
+    int64_t stored = 0;  // tokens written in this layer
+  };
+  std::vector<Layer> layers_;
+  std::vector<int32_t> positions_;
+  int64_t n_tokens_ = 0;
+  int64_t batch_n_ = 0;
+  std::vector<float> rotated_;  // scratch for post-RoPE formats
+};
+
+}  // namespace kvq

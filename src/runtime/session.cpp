@@ -1,0 +1,116 @@
+#include <algorithm>
+#include <limits>
+#include <numeric>
+
+#include "base/error.h"
+#include "base/threads.h"
+#include "formats/kv_format.h"
+#include "kvcache/kv_cache.h"
+#include "runtime/model_impl.h"
+
+namespace kvq {
+
+struct Session::Impl {
+  std::shared_ptr<const Model> model;
+  SessionParams params;
+  ThreadPool pool;
+  KvCache cache;
+  LlamaScratch scratch;
+  std::vector<float> last_logits;
+  std::vector<int32_t> positions;
+
+  Impl(std::shared_ptr<const Model> m, const SessionParams& p, int threads, const KvCacheConfig& cfg)
+      : model(std::move(m)), params(p), pool(threads), cache(cfg) {}
+
+  const LlamaModel& llama() const { return model->impl().llama; }
+
+  void check(std::span<const int32_t> tokens) const {
+    const int n_vocab = llama().hparams().n_vocab;
+    for (size_t i = 0; i < tokens.size(); ++i)
+      if (tokens[i] < 0 || tokens[i] >= n_vocab)
+        fail("token id {} at index {} is outside the vocabulary (0..{})", tokens[i], i, n_vocab - 1);
+    if (cache.n_tokens() + int64_t(tokens.size()) > params.n_ctx)
+      fail("{} tokens do not fit in the context: {} of {} already used (raise -c/--ctx-size)", tokens.size(),
+           cache.n_tokens(), params.n_ctx);
+  }
+
+  // Runs tokens in batches of n_batch; logits of tokens >= first_logit go to on_logits.
+  void run(std::span<const int32_t> tokens, int64_t first_logit, FunctionRef<void(int64_t, const float*)> on_logits) {
+    check(tokens);
+    const int64_t n = int64_t(tokens.size());
+    for (int64_t b0 = 0; b0 < n; b0 += params.n_batch) {
+      const int64_t bn = std::min<int64_t>(params.n_batch, n - b0);
+      positions.resize(size_t(bn));
+      std::iota(positions.begin(), positions.end(), int32_t(cache.n_tokens()));
+      cache.begin_batch(positions);
+      try {
+        llama().forward(tokens.data() + b0, positions.data(), bn, std::max<int64_t>(0, first_logit - b0), cache,
+                        scratch, pool, [&](int64_t i, const float* lg) { on_logits(b0 + i, lg); });
+      } catch (...) {
+        cache.abort_batch();
+        throw;
+      }
+      cache.end_batch();
+    }
+  }
+};
+
+Session::Session(std::shared_ptr<const Model> model, const SessionParams& params) {
+  if (!model) fail("session: no model");
+  const LlamaModel& llama = model->impl().llama;
+  const LlamaHparams& hp = llama.hparams();
+  SessionParams p = params;
+  if (p.n_ctx < 0) fail("context size {} is negative", p.n_ctx);
+  if (p.n_ctx == 0) p.n_ctx = hp.n_ctx_train;
+  if (p.n_ctx > (int64_t(1) << 24)) fail("context size {} is too large (max {})", p.n_ctx, int64_t(1) << 24);
+  if (p.n_threads < 0 || p.n_threads > 1024) fail("thread count {} is out of range 0..1024", p.n_threads);
+  if (p.n_threads == 0) p.n_threads = default_thread_count();
+  if (p.n_batch <= 0 || p.n_batch > 65536) fail("batch size {} is out of range 1..65536", p.n_batch);
+  KvCacheConfig cfg;
+  cfg.n_layers = hp.n_layer;
+  cfg.n_kv_heads = hp.n_head_kv;
+  cfg.head_dim = hp.head_dim;
+  cfg.n_ctx = p.n_ctx;
+  cfg.k_format = &kv_format(p.cache_type_k);
+  cfg.v_format = &kv_format(p.cache_type_v);
+  cfg.rope = hp.rope;
+  impl_ = std::make_unique<Impl>(std::move(model), p, p.n_threads, cfg);
+}
+
+Session::~Session() = default;
+
+std::span<const float> Session::eval(std::span<const int32_t> tokens) {
+  if (tokens.empty()) fail("eval: no tokens");
+  Impl& s = *impl_;
+  const int64_t last = int64_t(tokens.size()) - 1;
+  s.run(tokens, last, [&](int64_t, const float* lg) {
+    s.last_logits.assign(lg, lg + s.llama().hparams().n_vocab);
+  });
+  return s.last_logits;
+}
+
+void Session::eval_all(std::span<const int32_t> tokens, const LogitsCallback& on_logits) {
+  if (tokens.empty()) return;
+  const int n_vocab = impl_->llama().hparams().n_vocab;
+  impl_->run(tokens, 0, [&](int64_t i, const float* lg) { on_logits(i, std::span<const float>(lg, size_t(n_vocab))); });
+}
+
+int64_t Session::n_past() const { return impl_->cache.n_tokens(); }
+int64_t Session::n_ctx() const { return impl_->params.n_ctx; }
+int Session::n_threads() const { return impl_->pool.size(); }
+void Session::reset() { impl_->cache.clear(); }
+const Model& Session::model() const { return *impl_->model; }
+
+KvStats Session::kv_stats() const {
+  const KvCache& c = impl_->cache;
+  KvStats st;
+  st.type_k = std::string(c.config().k_format->name);
+  st.type_v = std::string(c.config().v_format->name);
+  st.n_tokens = c.n_tokens();
+  st.n_ctx = c.config().n_ctx;
+  st.bytes_k = c.bytes_k();
+  st.bytes_v = c.bytes_v();
+  return st;
+}
+
+}  // namespace kvq
