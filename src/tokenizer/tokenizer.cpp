@@ -2,8 +2,8 @@
 
 #include <algorithm>
 #include <array>
+#include <climits>
 #include <queue>
-#include <unordered_map>
 
 #include "base/error.h"
 #include "gguf/gguf.h"
@@ -19,11 +19,53 @@ enum TokenType : int32_t {
   kUndefined = 0, kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6,
 };
 
-struct StringHash {
-  using is_transparent = void;
-  size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+// Vocabulary lookup (text -> id): open addressing over ids into the token list,
+// with a 32-bit hash check before comparing text. The first id of a duplicated
+// text wins.
+class TokenMap {
+ public:
+  void build(const std::vector<std::string>& tokens) {
+    tokens_ = &tokens;
+    size_t cap = 16;
+    while (cap < tokens.size() * 2) cap <<= 1;
+    slots_.assign(cap, Slot{0, -1});
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      const uint64_t h = hash(tokens[i]);
+      size_t j = h & (cap - 1);
+      bool dup = false;
+      while (slots_[j].id >= 0) {
+        if (slots_[j].h == uint32_t(h >> 32) && tokens[size_t(slots_[j].id)] == tokens[i]) dup = true;
+        if (dup) break;
+        j = (j + 1) & (cap - 1);
+      }
+      if (!dup) slots_[j] = Slot{uint32_t(h >> 32), int32_t(i)};
+    }
+  }
+  int32_t find(std::string_view s) const {
+    if (slots_.empty()) return -1;
+    const uint64_t h = hash(s);
+    const size_t mask = slots_.size() - 1;
+    for (size_t j = h & mask;; j = (j + 1) & mask) {
+      const Slot& e = slots_[j];
+      if (e.id < 0) return -1;
+      if (e.h == uint32_t(h >> 32) && (*tokens_)[size_t(e.id)] == s) return e.id;
+    }
+  }
+
+ private:
+  struct Slot {
+    uint32_t h;
+    int32_t id;
+  };
+  // FNV-1a, then a multiply so both halves of the result are well mixed.
+  static uint64_t hash(std::string_view s) {
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return (h ^ (h >> 29)) * 0xBF58476D1CE4E5B9ull;
+  }
+  const std::vector<std::string>* tokens_ = nullptr;
+  std::vector<Slot> slots_;
 };
-using TokenMap = std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>>;
 
 // GPT-2's byte <-> printable code point mapping: printable Latin-1 bytes map to
 // themselves, the other 68 bytes to U+0100.. in byte order.
@@ -49,6 +91,57 @@ constexpr std::string_view kSpmSpace = "\xE2\x96\x81";  // U+2581
 
 inline uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
 
+// Merge ranks: an open-addressing table (linear probing). Lookups dominate BPE
+// time and node-based maps miss the cache on nearly every probe.
+class MergeTable {
+ public:
+  struct Entry {
+    uint64_t key = kEmpty;
+    int32_t rank = 0;
+    int32_t id = 0;
+  };
+  void reserve(size_t n) {
+    size_t cap = 16;
+    while (cap < n * 2) cap <<= 1;
+    slots_.assign(cap, Entry{});
+    shift_ = 64 - unsigned(__builtin_ctzll(cap));
+    size_ = 0;
+  }
+  // Keeps the first insertion of a key (the lowest rank).
+  void insert(uint64_t key, int32_t rank, int32_t id) {
+    if ((size_ + 1) * 2 > slots_.size()) grow();
+    Entry* e = probe(key);
+    if (e->key == kEmpty) {
+      *e = Entry{key, rank, id};
+      ++size_;
+    }
+  }
+  const Entry* find(uint64_t key) const {
+    if (slots_.empty()) return nullptr;
+    const Entry* e = probe(key);
+    return e->key == kEmpty ? nullptr : e;
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t(0);  // ids are < 2^31, so never a real key
+  Entry* probe(uint64_t key) const {
+    const size_t mask = slots_.size() - 1;
+    size_t i = size_t((key * 0x9E3779B97F4A7C15ull) >> shift_);
+    while (slots_[i].key != kEmpty && slots_[i].key != key) i = (i + 1) & mask;
+    return const_cast<Entry*>(&slots_[i]);
+  }
+  void grow() {
+    std::vector<Entry> old;
+    old.swap(slots_);
+    reserve(old.size());
+    for (const Entry& e : old)
+      if (e.key != kEmpty) insert(e.key, e.rank, e.id);
+  }
+  std::vector<Entry> slots_;
+  unsigned shift_ = 64;
+  size_t size_ = 0;
+};
+
 }  // namespace
 
 struct Tokenizer::Impl {
@@ -60,11 +153,7 @@ struct Tokenizer::Impl {
   std::vector<float> scores;
   std::vector<int32_t> types;
   TokenMap token_to_id;
-  struct Merge {
-    int32_t rank;
-    int32_t id;
-  };
-  std::unordered_map<uint64_t, Merge> merges;  // (left id, right id) -> rank, result
+  MergeTable merges;  // (left id, right id) -> rank, merged id
   std::array<int32_t, 256> byte_token{};       // BPE: token of the mapped byte; SPM: <0xXX>
   std::vector<int32_t> specials;               // control + user-defined, longest first
   int32_t bos = -1, eos = -1, eot = -1, unk = -1, pad = -1;
@@ -72,14 +161,16 @@ struct Tokenizer::Impl {
   std::vector<uint8_t> eog;
 
   bool mergeable(int32_t id) const { return types[id] == kNormal || types[id] == kUndefined; }
-  int32_t lookup(std::string_view s) const {
-    auto it = token_to_id.find(s);
-    return it == token_to_id.end() ? -1 : it->second;
-  }
+  int32_t lookup(std::string_view s) const { return token_to_id.find(s); }
 
   void encode_bpe(std::string_view text, std::vector<int32_t>& out) const;
-  void bpe_word(std::string_view word, std::vector<int32_t>& out) const;
+  struct BpeScratch;
+  void bpe_word(std::string_view word, BpeScratch& scratch, std::vector<int32_t>& out) const;
   void encode_spm(std::string_view text, std::vector<int32_t>& out) const;
+  struct SpmScratch;
+  void spm_chunk(std::string_view text, size_t begin, size_t end, SpmScratch& sc,
+                 std::vector<int32_t>& out) const;
+  bool spm_split_at_space = false;  // see encode_spm
 };
 
 namespace {
@@ -110,49 +201,98 @@ struct SpmCand {
 
 }  // namespace
 
-void Tokenizer::Impl::bpe_word(std::string_view word, std::vector<int32_t>& out) const {
+#ifndef KVQ_TOKENIZER_SHORT_WORD
+#define KVQ_TOKENIZER_SHORT_WORD 32
+#endif
+// Words up to this many bytes merge by linear scans; longer ones use a heap.
+constexpr int32_t kShortWord = KVQ_TOKENIZER_SHORT_WORD;
+
+// Reused across the words of one encode() call.
+struct Tokenizer::Impl::BpeScratch {
+  std::vector<Sym> syms;
+  std::vector<int32_t> rank;  // rank of the pair (i, next(i)), or INT32_MAX
+  std::vector<BpeCand> heap;
+  std::string mapped;
+};
+
+void Tokenizer::Impl::bpe_word(std::string_view word, BpeScratch& sc, std::vector<int32_t>& out) const {
   const ByteMap& bm = byte_map();
   if (ignore_merges) {
-    std::string mapped;
-    for (unsigned char c : word) unicode::append_utf8(mapped, bm.to_cp[c]);
-    const int32_t id = lookup(mapped);
+    sc.mapped.clear();
+    for (unsigned char c : word) unicode::append_utf8(sc.mapped, bm.to_cp[c]);
+    const int32_t id = lookup(sc.mapped);
     if (id >= 0 && mergeable(id)) {
       out.push_back(id);
       return;
     }
   }
-  if (word.size() == 1) {
+  const int32_t n = int32_t(word.size());
+  if (n == 1) {
     const int32_t id = byte_token[uint8_t(word[0])];
     if (id >= 0) out.push_back(id);
     else if (unk >= 0) out.push_back(unk);
     return;
   }
-  std::vector<Sym> syms(word.size());
-  for (size_t i = 0; i < word.size(); ++i)
-    syms[i] = Sym{byte_token[uint8_t(word[i])], uint32_t(i), 1, int32_t(i) - 1,
-                  i + 1 < word.size() ? int32_t(i + 1) : -1};
-  std::priority_queue<BpeCand, std::vector<BpeCand>, std::greater<>> queue;
-  auto try_pair = [&](int32_t l, int32_t r) {
-    if (l < 0 || r < 0 || syms[l].id < 0 || syms[r].id < 0) return;
-    auto it = merges.find(pair_key(syms[l].id, syms[r].id));
-    if (it == merges.end()) return;
-    queue.push(BpeCand{it->second.rank, l, r, syms[l].id, syms[r].id});
+  auto& syms = sc.syms;
+  syms.resize(size_t(n));
+  for (int32_t i = 0; i < n; ++i)
+    syms[i] = Sym{byte_token[uint8_t(word[i])], uint32_t(i), 1, i - 1, i + 1 < n ? i + 1 : -1};
+  auto pair_rank = [&](int32_t l, int32_t r, int32_t* merged) -> int32_t {
+    if (l < 0 || r < 0 || syms[l].id < 0 || syms[r].id < 0) return INT32_MAX;
+    const MergeTable::Entry* e = merges.find(pair_key(syms[l].id, syms[r].id));
+    if (!e) return INT32_MAX;
+    if (merged) *merged = e->id;
+    return e->rank;
   };
-  for (size_t i = 0; i + 1 < word.size(); ++i) try_pair(int32_t(i), int32_t(i + 1));
-  while (!queue.empty()) {
-    const BpeCand c = queue.top();
-    queue.pop();
-    Sym& l = syms[c.left];
-    if (l.len == 0 || l.next != c.right || l.id != c.left_id || syms[c.right].id != c.right_id) continue;
-    Sym& r = syms[c.right];
-    l.id = merges.at(pair_key(c.left_id, c.right_id)).id;
+  auto merge = [&](int32_t li) {
+    Sym& l = syms[li];
+    Sym& r = syms[l.next];
+    int32_t merged = -1;
+    pair_rank(li, l.next, &merged);
+    l.id = merged;
     l.len += r.len;
     l.next = r.next;
-    if (r.next >= 0) syms[r.next].prev = c.left;
+    if (r.next >= 0) syms[r.next].prev = li;
     r.len = 0;
     r.id = -1;
-    try_pair(l.prev, c.left);
-    try_pair(c.left, l.next);
+  };
+
+  if (n <= kShortWord) {
+    // Short words (nearly all): scan for the lowest-ranked adjacent pair; only the
+    // two pairs next to a merge need new lookups.
+    auto& rank = sc.rank;
+    rank.resize(size_t(n));
+    for (int32_t i = 0; i < n; ++i) rank[i] = pair_rank(i, syms[i].next, nullptr);
+    for (;;) {
+      int32_t best = -1, best_rank = INT32_MAX;
+      for (int32_t i = 0; i >= 0; i = syms[i].next)
+        if (rank[i] < best_rank) best_rank = rank[i], best = i;  // strict: leftmost on ties
+      if (best < 0) break;
+      merge(best);
+      rank[best] = pair_rank(best, syms[best].next, nullptr);
+      if (syms[best].prev >= 0) rank[syms[best].prev] = pair_rank(syms[best].prev, best, nullptr);
+    }
+  } else {
+    // Long words: a min-heap of candidate pairs; stale entries are skipped on pop.
+    auto& heap = sc.heap;
+    heap.clear();
+    auto push = [&](int32_t l, int32_t r) {
+      const int32_t rk = pair_rank(l, r, nullptr);
+      if (rk == INT32_MAX) return;
+      heap.push_back(BpeCand{rk, l, r, syms[l].id, syms[r].id});
+      std::push_heap(heap.begin(), heap.end(), std::greater<>());
+    };
+    for (int32_t i = 0; i + 1 < n; ++i) push(i, i + 1);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<>());
+      const BpeCand c = heap.back();
+      heap.pop_back();
+      const Sym& l = syms[c.left];
+      if (l.len == 0 || l.next != c.right || l.id != c.left_id || syms[c.right].id != c.right_id) continue;
+      merge(c.left);
+      push(syms[c.left].prev, c.left);
+      push(c.left, syms[c.left].next);
+    }
   }
   for (int32_t i = 0; i >= 0; i = syms[i].next) {
     if (syms[i].id >= 0) out.push_back(syms[i].id);
@@ -163,8 +303,14 @@ void Tokenizer::Impl::bpe_word(std::string_view word, std::vector<int32_t>& out)
 void Tokenizer::Impl::encode_bpe(std::string_view text, std::vector<int32_t>& out) const {
   pretok::Pieces pieces;
   pretok::split(pre_kind, text, pieces);
-  for (auto [b, e] : pieces) bpe_word(text.substr(b, e - b), out);
+  BpeScratch scratch;
+  for (auto [b, e] : pieces) bpe_word(text.substr(b, e - b), scratch, out);
 }
+
+struct Tokenizer::Impl::SpmScratch {
+  std::vector<Sym> syms;
+  std::vector<SpmCand> heap;
+};
 
 void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out) const {
   // Spaces become U+2581, as the SentencePiece normaliser does.
@@ -174,27 +320,49 @@ void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out
     if (c == ' ') text += kSpmSpace;
     else text += c;
   }
-  std::vector<Sym> syms;
-  syms.reserve(text.size());
-  for (size_t i = 0; i < text.size();) {
-    size_t n = std::min(unicode::utf8_len(uint8_t(text[i])), text.size() - i);
+  SpmScratch sc;
+  if (!spm_split_at_space) {
+    spm_chunk(text, 0, text.size(), sc, out);
+    return;
+  }
+  // No vocabulary entry has a space after another character, so no merge can
+  // cross the start of a "▁..." run: merging each chunk separately gives the same
+  // result as merging the whole text, with small heaps.
+  size_t chunk = 0;
+  for (size_t i = 3; i + 3 <= text.size(); ++i) {
+    if (text.compare(i, 3, kSpmSpace) == 0 && text.compare(i - 3, 3, kSpmSpace) != 0) {
+      spm_chunk(text, chunk, i, sc, out);
+      chunk = i;
+    }
+  }
+  spm_chunk(text, chunk, text.size(), sc, out);
+}
+
+void Tokenizer::Impl::spm_chunk(std::string_view text, size_t begin, size_t end, SpmScratch& sc,
+                                std::vector<int32_t>& out) const {
+  if (begin >= end) return;
+  std::vector<Sym>& syms = sc.syms;
+  syms.clear();
+  for (size_t i = begin; i < end;) {
+    size_t n = std::min(unicode::utf8_len(uint8_t(text[i])), end - i);
     syms.push_back(Sym{-1, uint32_t(i), uint32_t(n), int32_t(syms.size()) - 1, int32_t(syms.size()) + 1});
     i += n;
   }
-  if (syms.empty()) return;
   syms.back().next = -1;
-  std::string_view tv = text;
-  std::priority_queue<SpmCand> queue;
+  std::vector<SpmCand>& heap = sc.heap;
+  heap.clear();
   auto try_pair = [&](int32_t l, int32_t r) {
     if (l < 0 || r < 0) return;
-    const int32_t id = lookup(tv.substr(syms[l].start, syms[l].len + syms[r].len));
+    const int32_t id = lookup(text.substr(syms[l].start, syms[l].len + syms[r].len));
     if (id < 0 || !mergeable(id)) return;
-    queue.push(SpmCand{scores[id], l, r, syms[l].len, syms[r].len, id});
+    heap.push_back(SpmCand{scores[id], l, r, syms[l].len, syms[r].len, id});
+    std::push_heap(heap.begin(), heap.end());
   };
   for (size_t i = 0; i + 1 < syms.size(); ++i) try_pair(int32_t(i), int32_t(i + 1));
-  while (!queue.empty()) {
-    const SpmCand c = queue.top();
-    queue.pop();
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end());
+    const SpmCand c = heap.back();
+    heap.pop_back();
     Sym& l = syms[c.left];
     if (l.len != c.left_len || l.next != c.right || syms[c.right].len != c.right_len) continue;
     Sym& r = syms[c.right];
@@ -210,7 +378,7 @@ void Tokenizer::Impl::encode_spm(std::string_view raw, std::vector<int32_t>& out
     const Sym& s = syms[i];
     int32_t id = s.id;
     if (id < 0) {
-      id = lookup(tv.substr(s.start, s.len));
+      id = lookup(text.substr(s.start, s.len));
       if (id >= 0 && (types[id] == kControl || types[id] == kUnknown || types[id] == kUnused)) id = -1;
     }
     if (id >= 0) {
@@ -250,11 +418,8 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& file) {
   const uint64_t n = toks->array_size();
   if (n == 0 || n > (uint64_t(1) << 30)) fail("{}: tokenizer.ggml.tokens has {} entries", path, n);
   im->tokens.reserve(n);
-  im->token_to_id.reserve(n);
-  for (uint64_t i = 0; i < n; ++i) {
-    im->tokens.emplace_back(toks->string_at(i));
-    im->token_to_id.emplace(im->tokens.back(), int32_t(i));  // the first id wins on duplicates
-  }
+  for (uint64_t i = 0; i < n; ++i) im->tokens.emplace_back(toks->string_at(i));
+  im->token_to_id.build(im->tokens);
   im->types.assign(n, kNormal);
   if (const gguf::Value* tt = file.get_array("tokenizer.ggml.token_type")) {
     if (tt->array_size() != n)
@@ -288,11 +453,22 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& file) {
   im->byte_token.fill(-1);
   if (im->spm) {
     if (im->unk < 0) {
-      if (auto it = im->token_to_id.find("<unk>"); it != im->token_to_id.end()) im->unk = it->second;
+      im->unk = im->lookup("<unk>");
     }
     for (int b = 0; b < 256; ++b) {
       const int32_t id = im->lookup(fmt::format("<0x{:02X}>", b));
       if (id >= 0) im->byte_token[b] = id;
+    }
+    im->spm_split_at_space = true;
+    for (uint64_t i = 0; i < n && im->spm_split_at_space; ++i) {
+      const std::string& t = im->tokens[i];
+      if (!im->mergeable(int32_t(i))) continue;
+      for (size_t p = t.find(kSpmSpace, 1); p != std::string::npos; p = t.find(kSpmSpace, p + 1)) {
+        if (p < 3 || t.compare(p - 3, 3, kSpmSpace) != 0) {
+          im->spm_split_at_space = false;
+          break;
+        }
+      }
     }
   } else {
     const auto pre = file.get_string("tokenizer.ggml.pre");
@@ -329,7 +505,7 @@ Tokenizer Tokenizer::from_gguf(const gguf::File& file) {
       joined += m.substr(sp + 1);
       const int32_t c = im->lookup(joined);
       if (a < 0 || b < 0 || c < 0) continue;  // refers to tokens not in the vocabulary
-      im->merges.emplace(pair_key(a, b), Impl::Merge{int32_t(i), c});
+      im->merges.insert(pair_key(a, b), int32_t(i), c);
     }
   }
 
