@@ -456,10 +456,10 @@ void quantize_q5_1(const float* x, void* dst, int64_t n) {
 // -------------------------------------------------------------- dot products
 
 float vec_dot_f32_f32(int64_t n, const void* w, const void* a) {
-  const float* x = static_cast<const float*>(w);
+  const uint8_t* x = bytes(w);  // weight bytes: any alignment
   const float* y = static_cast<const float*>(a);
   double acc = 0.0;
-  for (int64_t i = 0; i < n; ++i) acc += double(x[i]) * double(y[i]);
+  for (int64_t i = 0; i < n; ++i) acc += double(ld_f32(x + 4 * i)) * double(y[i]);
   return float(acc);
 }
 

@@ -20,7 +20,8 @@
 // products and sum in double. So the reference is at least as accurate as any
 // kernel; kernels are compared to it with a tolerance, never bit for bit.
 //
-// All functions accept any pointer alignment (fields are read with memcpy).
+// Block/weight pointers may have any alignment (fields are read with memcpy);
+// float* arguments (and F32 activations) must be float-aligned.
 // n must be a multiple of the type's block size.
 #pragma once
 #include <cstdint>
