@@ -13,7 +13,11 @@ inline void cpu_relax() {
   _mm_pause();
 #endif
 }
-constexpr int kSpinIterations = 1 << 16;  // ~ tens of microseconds before sleeping
+// Busy-wait this many pauses (~tens of microseconds), then yield the core for a
+// while (an oversubscribed machine must not spin against the thread it waits
+// for), then sleep on the condition variable.
+constexpr int kSpinIterations = 2048;
+constexpr int kYieldIterations = 256;
 }  // namespace
 
 int default_thread_count() {
@@ -40,8 +44,9 @@ void ThreadPool::worker_loop(int index) {
   uint64_t seen = 0;
   for (;;) {
     uint64_t gen = generation_.load(std::memory_order_acquire);
-    for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-      cpu_relax();
+    for (int spin = 0; gen == seen && spin < kSpinIterations + kYieldIterations; ++spin) {
+      if (spin < kSpinIterations) cpu_relax();
+      else std::this_thread::yield();
       gen = generation_.load(std::memory_order_acquire);
     }
     if (gen == seen) {
@@ -72,7 +77,10 @@ void ThreadPool::run(FunctionRef<void(int, int)> fn) {
   }
   if (sleepers_.load() > 0) wake_.notify_all();
   fn(0, n_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+  for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+    if (spin < kSpinIterations) cpu_relax();
+    else std::this_thread::yield();
+  }
   job_ = nullptr;
 }
 
