@@ -1,0 +1,182 @@
+// kvq info: what is in a GGUF file and what its KV cache costs in each format.
+#include <fmt/format.h>
+
+#include <iterator>
+#include <map>
+
+#include "common.h"
+
+namespace kvq::cli {
+namespace {
+
+struct InfoOptions {
+  std::string model;
+  int64_t n_ctx = 0;  // 0: training context
+  std::string type_k = "f16", type_v = "f16";
+  bool tensors = false;
+  bool json = false;
+};
+
+// Metadata values such as the vocabulary are huge: show the start and the size.
+std::string shorten(const std::string& value, size_t max_chars) {
+  if (value.size() <= max_chars) return value;
+  size_t cut = max_chars;
+  while (cut > 0 && (static_cast<unsigned char>(value[cut]) & 0xC0) == 0x80) --cut;  // keep UTF-8 whole
+  return fmt::format("{}... ({} chars)", value.substr(0, cut), value.size());
+}
+
+std::string dims_string(const std::vector<int64_t>& dims) {
+  std::string s;
+  for (int64_t d : dims) s += (s.empty() ? "" : " x ") + std::to_string(d);
+  return s;
+}
+
+// bits_per_element * 2 (K and V) * n_layer * n_head_kv * head_dim * ctx / 8, per side.
+double kv_side_bytes(const ModelInfo& m, const KvFormatInfo& f, int64_t ctx) {
+  return f.bits_per_element * double(m.n_layer) * double(m.n_head_kv) * double(m.head_dim) * double(ctx) / 8.0;
+}
+
+struct Lines {
+  std::string text;
+  template <class... A>
+  void add(fmt::format_string<A...> f, A&&... a) {
+    fmt::format_to(std::back_inserter(text), f, std::forward<A>(a)...);
+    text += '\n';
+  }
+};
+
+struct TypeSummary {
+  int64_t count = 0, elements = 0;
+  uint64_t bytes = 0;
+};
+
+int info(const InfoOptions& o) {
+  auto model = load_model(o.model);
+  const ModelInfo& m = model->info();
+  const int64_t ctx = o.n_ctx > 0 ? o.n_ctx : (m.n_ctx_train > 0 ? m.n_ctx_train : 4096);
+  const auto formats = kv_formats();
+
+  std::map<std::string, TypeSummary> by_type;
+  for (const auto& t : m.tensors) {
+    auto& s = by_type[t.type];
+    ++s.count;
+    int64_t n = 1;
+    for (int64_t d : t.dims) n *= d;
+    s.elements += n;
+    s.bytes += t.bytes;
+  }
+  const KvFormatInfo* fk = find_kv_format(o.type_k);
+  const KvFormatInfo* fv = find_kv_format(o.type_v);
+  const double selected_kv = (fk ? kv_side_bytes(m, *fk, ctx) : 0) + (fv ? kv_side_bytes(m, *fv, ctx) : 0);
+
+  if (o.json) {
+    nlohmann::json meta = nlohmann::json::object();
+    for (const auto& [k, v] : m.metadata) meta[k] = shorten(v, 400);
+    nlohmann::json types = nlohmann::json::object();
+    for (const auto& [name, s] : by_type)
+      types[name] = {{"tensors", s.count}, {"elements", s.elements}, {"bytes", s.bytes}};
+    nlohmann::json kv = nlohmann::json::array();
+    for (const auto& f : formats) {
+      const double side = kv_side_bytes(m, f, ctx);
+      kv.push_back({{"type", f.name},
+                    {"bits_per_element", f.bits_per_element},
+                    {"pre_rope", f.pre_rope},
+                    {"description", f.description},
+                    {"bytes", uint64_t(std::llround(2 * side))},
+                    {"bytes_per_token", 2 * side / double(ctx)}});
+    }
+    nlohmann::json j = {
+        {"path", m.path},
+        {"name", m.name},
+        {"architecture", m.architecture},
+        {"gguf_version", m.gguf_version},
+        {"n_params", m.n_params},
+        {"weight_bytes", m.weight_bytes},
+        {"hparams",
+         {{"n_vocab", m.n_vocab}, {"n_ctx_train", m.n_ctx_train}, {"n_embd", m.n_embd}, {"n_layer", m.n_layer},
+          {"n_head", m.n_head}, {"n_head_kv", m.n_head_kv}, {"head_dim", m.head_dim}, {"n_ff", m.n_ff},
+          {"n_rot", m.n_rot}, {"rope_freq_base", m.rope_freq_base}, {"rope_freq_scale", m.rope_freq_scale},
+          {"rope_neox", m.rope_neox}, {"rms_eps", m.rms_eps}, {"tied_output", m.tied_output}}},
+        {"tokenizer", {{"model", m.tokenizer_model}, {"pre", m.tokenizer_pre}, {"add_bos", model->add_bos_default()},
+                       {"bos_id", model->bos_id()}}},
+        {"metadata", meta},
+        {"tensor_types", types},
+        {"n_tensors", m.tensors.size()},
+        {"kv_cache", {{"ctx", ctx}, {"type_k", o.type_k}, {"type_v", o.type_v},
+                      {"bytes", uint64_t(std::llround(selected_kv))}, {"formats", kv}}},
+    };
+    if (o.tensors) {
+      nlohmann::json list = nlohmann::json::array();
+      for (const auto& t : m.tensors) list.push_back({{"name", t.name}, {"type", t.type}, {"dims", t.dims}, {"bytes", t.bytes}});
+      j["tensors"] = list;
+    }
+    write_stdout(dump_json(j) + "\n");
+    return 0;
+  }
+
+  Lines out;
+  auto line = [&out]<class... A>(fmt::format_string<A...> f, A&&... a) { out.add(f, std::forward<A>(a)...); };
+  line("model:        {}", m.path);
+  line("name:         {}", m.name.empty() ? "(none)" : m.name);
+  line("architecture: {}   (GGUF v{})", m.architecture, m.gguf_version);
+  line("parameters:   {} ({})", m.n_params, format_count(m.n_params));
+  line("weights:      {} ({:.2f} bits per parameter)", format_bytes(m.weight_bytes),
+       m.n_params > 0 ? 8.0 * double(m.weight_bytes) / double(m.n_params) : 0.0);
+  line("");
+  line("hyper-parameters:");
+  line("  n_vocab {}   n_ctx_train {}   n_embd {}   n_ff {}", m.n_vocab, m.n_ctx_train, m.n_embd, m.n_ff);
+  line("  n_layer {}   n_head {}   n_head_kv {} (GQA {}:1)   head_dim {}", m.n_layer, m.n_head, m.n_head_kv,
+       m.n_head_kv > 0 ? m.n_head / m.n_head_kv : 0, m.head_dim);
+  line("  RoPE: n_rot {}, base {}, scale {}, pairing {}", m.n_rot, m.rope_freq_base, m.rope_freq_scale,
+       m.rope_neox ? "neox (i, i+n_rot/2)" : "normal (2i, 2i+1)");
+  line("  rms_eps {}   output head {}", m.rms_eps, m.tied_output ? "tied to the token embedding" : "separate");
+  line("  tokenizer {} (pre: {}), add BOS {}, BOS id {}", m.tokenizer_model, m.tokenizer_pre.empty() ? "-" : m.tokenizer_pre,
+       model->add_bos_default() ? "yes" : "no", model->bos_id());
+  line("");
+  line("KV cache at {} tokens (K and V, all {} layers):", ctx, m.n_layer);
+  line("  {:<10} {:>8} {:>12} {:>14}  {}", "type", "bits", "total", "per token", "description");
+  for (const auto& f : formats) {
+    const double side = kv_side_bytes(m, f, ctx);
+    line("  {:<10} {:>8.3f} {:>12} {:>14}  {}{}", f.name, f.bits_per_element, format_bytes(uint64_t(2 * side)),
+         format_bytes(uint64_t(2 * side / double(ctx))), f.description, f.pre_rope ? " (keys pre-RoPE)" : "");
+  }
+  line("  selected: K {} + V {} = {}", o.type_k, o.type_v, format_bytes(uint64_t(selected_kv)));
+  line("");
+  line("tensors: {}", m.tensors.size());
+  if (o.tensors) {
+    size_t w = 4;
+    for (const auto& t : m.tensors) w = std::max(w, t.name.size());
+    line("  {:<{}} {:<6} {:<24} {:>12}", "name", w, "type", "dims", "bytes");
+    for (const auto& t : m.tensors) line("  {:<{}} {:<6} {:<24} {:>12}", t.name, w, t.type, dims_string(t.dims), t.bytes);
+  } else {
+    line("  {:<6} {:>7} {:>14} {:>12}", "type", "count", "elements", "bytes");
+    for (const auto& [name, s] : by_type)
+      line("  {:<6} {:>7} {:>14} {:>12}", name, s.count, s.elements, format_bytes(s.bytes));
+    line("  (--tensors lists every tensor)");
+  }
+  line("");
+  line("metadata: {} keys", m.metadata.size());
+  for (const auto& [k, v] : m.metadata) line("  {} = {}", k, shorten(v, 100));
+  write_stdout(out.text);
+  return 0;
+}
+
+}  // namespace
+
+Command register_info(CLI::App& app) {
+  auto o = std::make_shared<InfoOptions>();
+  CLI::App* sub = app.add_subcommand("info", "model metadata, tensors, and KV cache memory per format");
+  sub->footer(
+      "Examples:\n"
+      "  kvq info\n"
+      "  kvq info -m model.gguf -c 32768 --tensors\n"
+      "  kvq info --json");
+  add_model_flag(*sub, o->model);
+  add_ctx_flag(*sub, o->n_ctx, 1, "context length for the KV cache sizes (default: the training context)");
+  add_cache_type_flags(*sub, o->type_k, o->type_v);
+  sub->add_flag("--tensors", o->tensors, "list every tensor (default: a summary per type)");
+  add_json_flag(*sub, o->json, "print everything as one JSON object");
+  return [o] { return info(*o); };
+}
+
+}  // namespace kvq::cli
