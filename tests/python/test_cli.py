@@ -1,0 +1,292 @@
+"""The `kvq` command line as users meet it.
+
+Bad input must end in one line `kvq: error: ...` on stderr and a non-zero exit
+code, never a crash (signal, sanitizer report). With the default model (fetched
+by scripts/fetch-model.sh; scripts/test.sh does that first) the subcommands must
+work end to end: deterministic greedy generation, a sane perplexity, the model's
+shape in `info`, a parseable `bench`.
+
+KVQ_BIN (set by ctest) is the binary under test.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+
+import gguf  # a missing package must fail the test, not skip it
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TIMEOUT_S = 900  # generous: the suite also runs under ASan
+
+
+def kvq_bin() -> str:
+    path = os.environ.get("KVQ_BIN")
+    if path:
+        return path
+    for cand in sorted(REPO.glob("build/*/kvq")):
+        if os.access(cand, os.X_OK):
+            return str(cand)
+    pytest.fail("KVQ_BIN is not set and no build/*/kvq exists: build first (cmake --preset release && "
+                "cmake --build --preset release)")
+
+
+def run_kvq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([kvq_bin(), *args], capture_output=True, timeout=TIMEOUT_S,
+                          env={**os.environ, **(env or {})})
+
+
+def text(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def assert_not_crashed(p: subprocess.CompletedProcess) -> None:
+    err = text(p.stderr)
+    assert 0 <= p.returncode < 128, f"killed by a signal (exit {p.returncode}): {err}"
+    assert "Sanitizer" not in err and "runtime error:" not in err, err
+
+
+def assert_clean_error(p: subprocess.CompletedProcess, *, code: int | None = None,
+                       mentions: tuple[str, ...] = ()) -> str:
+    """One `kvq: error:` line, a non-zero exit below 128; returns the message."""
+    assert_not_crashed(p)
+    err = text(p.stderr)
+    assert p.returncode != 0, f"expected failure, got exit 0; stderr: {err}"
+    if code is not None:
+        assert p.returncode == code, f"exit {p.returncode}, expected {code}: {err}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("kvq: error: "), lines[0]
+    for word in mentions:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def default_model() -> pathlib.Path:
+    cache = os.environ.get("KVQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvq")
+    return pathlib.Path(cache) / MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    path = default_model()
+    if not path.is_file():
+        pytest.fail(f"default model missing at {path}: run scripts/fetch-model.sh")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wiki_20k(tmp_path_factory) -> str:
+    data = pathlib.Path(os.environ.get("KVQ_DATA_DIR") or REPO.parent / "shared" / "data")
+    wiki = data / "wikitext-2" / "wiki.test.txt"
+    if not wiki.is_file():
+        pytest.fail(f"{wiki} missing: WikiText-2's raw test split, rows joined with \"\\n\\n\" "
+                    "(set KVQ_DATA_DIR to the folder holding wikitext-2/)")
+    out = tmp_path_factory.mktemp("wiki") / "wiki.test.20k.txt"
+    out.write_bytes(wiki.read_bytes()[:20000])
+    return str(out)
+
+
+def write_small_gguf(path: pathlib.Path) -> None:
+    """A valid GGUF, but no model kvq can run: metadata plus one f32 tensor."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("not-a-model")
+    w.add_block_count(1)
+    w.add_tensor("blk.0.attn_norm.weight", np.arange(4096, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# ---- usage errors: exit code 2 -------------------------------------------------
+
+def test_unknown_subcommand():
+    assert_clean_error(run_kvq("frobnicate"), code=2, mentions=("frobnicate", "run"))
+
+
+def test_no_subcommand_prints_help_and_fails():
+    p = run_kvq()
+    assert_not_crashed(p)
+    assert p.returncode == 2
+    assert "run" in text(p.stderr) and "perplexity" in text(p.stderr)
+
+
+@pytest.mark.parametrize("sub", ["run", "perplexity", "info", "bench"])
+def test_help_succeeds(sub):
+    p = run_kvq(sub, "--help")
+    assert p.returncode == 0, text(p.stderr)
+    assert "--model" in text(p.stdout)
+
+
+def test_unknown_flag():
+    assert_clean_error(run_kvq("run", "-p", "hi", "--no-such-flag"), code=2, mentions=("--no-such-flag",))
+
+
+def test_bad_cache_type_lists_valid_ones():
+    msg = assert_clean_error(run_kvq("run", "-p", "hi", "-ctk", "q9_bogus"), code=2, mentions=("q9_bogus",))
+    assert "f16" in msg and "f32" in msg, msg
+    assert_clean_error(run_kvq("perplexity", "-f", "x", "--cache-type-v", "nope"), code=2, mentions=("f16",))
+
+
+def test_negative_n_predict():
+    assert_clean_error(run_kvq("run", "-p", "hi", "-n", "-5"), code=2, mentions=("-5",))
+
+
+@pytest.mark.parametrize("flags", [["-t", "0"], ["-t", "5000"], ["-c", "2"], ["--top-p", "0"],
+                                   ["--top-p", "1.5"], ["--temp", "-1"], ["-n", "abc"]])
+def test_bad_values(flags):
+    assert_clean_error(run_kvq("run", "-p", "hi", *flags), code=2)
+
+
+def test_system_needs_chat():
+    assert_clean_error(run_kvq("run", "-p", "hi", "--system", "be brief"), code=2, mentions=("--chat",))
+
+
+def test_perplexity_needs_a_text_file():
+    assert_clean_error(run_kvq("perplexity"), code=2, mentions=("-f", "WikiText-2"))
+
+
+def test_perplexity_unreadable_text_file(tmp_path):
+    assert_clean_error(run_kvq("perplexity", "-f", str(tmp_path / "missing.txt")), code=1,
+                       mentions=("missing.txt",))
+
+
+# ---- bad model files: exit code 1 ----------------------------------------------
+
+def test_missing_model_file(tmp_path):
+    assert_clean_error(run_kvq("info", "-m", str(tmp_path / "absent.gguf")), code=1, mentions=("absent.gguf",))
+
+
+def test_missing_default_model_says_how_to_fetch(tmp_path):
+    p = run_kvq("run", "-p", "hi", env={"KVQ_CACHE_DIR": str(tmp_path)})
+    assert_clean_error(p, code=1, mentions=("scripts/fetch-model.sh",))
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "notes.gguf"
+    f.write_text("this is plain text, not a model\n" * 100)
+    assert_clean_error(run_kvq("info", "-m", str(f)), code=1)
+    assert_clean_error(run_kvq("run", "-m", str(f), "-p", "hi"), code=1)
+
+
+def test_empty_and_directory_model(tmp_path):
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    assert_clean_error(run_kvq("info", "-m", str(empty)), code=1)
+    assert_clean_error(run_kvq("info", "-m", str(tmp_path)), code=1)
+
+
+def test_valid_gguf_that_is_not_a_model(tmp_path):
+    f = tmp_path / "small.gguf"
+    write_small_gguf(f)
+    assert_clean_error(run_kvq("info", "-m", str(f)), code=1)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.02])
+def test_truncated_gguf(tmp_path, keep):
+    f = tmp_path / "small.gguf"
+    write_small_gguf(f)
+    data = f.read_bytes()
+    cut = tmp_path / "truncated.gguf"
+    cut.write_bytes(data[: max(8, int(len(data) * keep))])
+    assert_clean_error(run_kvq("info", "-m", str(cut)), code=1)
+    assert_clean_error(run_kvq("run", "-m", str(cut), "-p", "hi"), code=1)
+
+
+def test_truncated_real_model(tmp_path, model):
+    # Keep the header and metadata, lose most of the tensor data.
+    cut = tmp_path / "truncated-model.gguf"
+    with open(model, "rb") as src:
+        cut.write_bytes(src.read(4 * 1024 * 1024))
+    assert_clean_error(run_kvq("run", "-m", str(cut), "-p", "hi", "-n", "1"), code=1)
+
+
+# ---- the real default model -----------------------------------------------------
+
+def test_prompt_longer_than_context(model):
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 20
+    assert_clean_error(run_kvq("run", "-m", model, "-c", "16", "-p", long_prompt), code=1,
+                       mentions=("context",))
+
+
+def test_run_greedy_is_deterministic(model):
+    args = ("run", "-m", model, "-p", "The capital of France is", "-n", "24", "--temp", "0")
+    a, b = run_kvq(*args), run_kvq(*args)
+    assert a.returncode == 0, text(a.stderr)
+    assert b.returncode == 0, text(b.stderr)
+    assert a.stdout == b.stdout
+    assert text(a.stdout).strip(), "no text generated"
+    assert "tokens/s" in text(a.stderr)
+
+
+def test_run_chat_json(model):
+    p = run_kvq("run", "-m", model, "--chat", "--system", "You are a helpful assistant.",
+                "-p", "What is the capital of France?", "-n", "16", "--temp", "0", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    assert out["text"].strip()
+    assert 1 <= out["generated_tokens"] <= 16
+    assert out["prompt_tokens"] > 5
+    assert out["kv_bytes"] > 0 and out["kv_type_k"] == "f16"
+    assert out["stop_reason"] in ("length", "end_of_generation")
+
+
+def test_perplexity_on_wikitext_head(model, wiki_20k):
+    p = run_kvq("perplexity", "-m", model, "-f", wiki_20k, "-c", "256", "--chunks", "4", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    assert out["n_windows"] == 4 and out["ctx"] == 256 and out["protocol"] == "kvquant"
+    assert out["n_tokens_scored"] == 4 * 255
+    ppl = out["ppl"]
+    assert math.isfinite(ppl)
+    # A correct engine gives a few tens for this small model on WikiText-2 at 256 tokens;
+    # a broken one (wrong RoPE, bad dequantisation) gives hundreds to thousands.
+    assert 5 < ppl < 100, ppl
+    assert 0 < out["ppl_stderr"] < ppl
+    assert math.isclose(math.exp(out["mean_nll"]), ppl, rel_tol=1e-9)
+
+
+def test_perplexity_llamacpp_protocol(model, wiki_20k):
+    p = run_kvq("perplexity", "-m", model, "-f", wiki_20k, "-c", "128", "--chunks", "2",
+                "--protocol", "llamacpp", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    assert out["protocol"] == "llamacpp"
+    assert out["n_tokens_scored"] == 2 * (128 - 1 - 64)
+    assert math.isfinite(out["ppl"]) and out["ppl"] > 1
+
+
+def test_info_json(model):
+    p = run_kvq("info", "-m", model, "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    hp = out["hparams"]
+    assert (hp["n_layer"], hp["n_head"], hp["n_head_kv"]) == (30, 9, 3)
+    assert out["architecture"] == "llama"
+    assert out["n_params"] > 100_000_000
+    kv = {f["type"]: f for f in out["kv_cache"]["formats"]}
+    assert "f16" in kv and "f32" in kv
+    ctx = out["kv_cache"]["ctx"]
+    assert kv["f16"]["bytes"] == 16 * 2 * 30 * 3 * hp["head_dim"] * ctx // 8
+
+
+def test_info_text(model):
+    p = run_kvq("info", "-m", model, "--tensors")
+    assert p.returncode == 0, text(p.stderr)
+    assert "token_embd.weight" in text(p.stdout)
+
+
+def test_bench_json(model):
+    p = run_kvq("bench", "-m", model, "-p", "32", "-n", "8", "-d", "0", "-r", "1", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    tests = {r["test"]: r for r in out["results"]}
+    assert set(tests) == {"pp32", "tg8"}
+    assert tests["pp32"]["avg_ts"] > 0 and tests["tg8"]["avg_ts"] > 0
+    assert tests["tg8"]["bytes_per_token"] > out["weight_bytes"] * 0.99
