@@ -1,0 +1,518 @@
+// The dispatched attention kernel (AVX2 tile path where the CPU has it, and the
+// scalar tile path via set_simd_level(SimdLevel::scalar)) against attention_ref(),
+// the double-precision two-pass oracle, over awkward shapes: cache lengths that
+// straddle page boundaries, decode (split-K + merge) and prefill query blocks,
+// grouped-query heads, head sizes with and without a SIMD path, 1-3 threads, and
+// both KV formats. Also: causal masking, split/unsplit agreement, adversarial
+// score ranges.
+//
+// Tolerance. The oracle computes scores, exp and the weighted sum in double from
+// the very same decoded keys/values the kernel reads, so the only differences
+// are float rounding in the kernel:
+//  * score = sum_d q_d*k_d*scale in float: |err| <~ c*sqrt(hd)*eps*S, where
+//    S = scale*sum_d |q_d k_d| (the dot product's condition number); a score
+//    error delta moves the softmax average by at most 2*delta*max|v|.
+//  * exp (libm or the AVX2 polynomial, rel. err < 2e-7), the running sum l and
+//    the float accumulation of sum_j p_j v_j over n keys: <~ c*sqrt(n)*eps*max|v|
+//    (random-walk growth of rounding errors over n terms).
+//  * a fixed 1e-5*max|v| floor covering the online-softmax rescalings.
+// So tol = max|v| * (1e-5 + 4*eps*sqrt(n) + 8*eps*sqrt(hd)*S_max). For ordinary
+// random inputs this is ~1.5e-5*max|v|; a bug (wrong key, wrong head, missed
+// mask, bad merge) produces errors of order max|v|.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/cpu.h"
+#include "base/threads.h"
+#include "formats/kv_format.h"
+#include "kernels/cpu/attention.h"
+#include "kvcache/kv_cache.h"
+#include "kvq/error.h"
+
+namespace kvq {
+namespace {
+
+struct SimdScope {
+  explicit SimdScope(SimdLevel l) { set_simd_level(l); }
+  ~SimdScope() { set_simd_level(detected_simd_level()); }
+};
+
+ThreadPool& pool(int n) {
+  static std::unique_ptr<ThreadPool> pools[4];
+  if (!pools[n]) pools[n] = std::make_unique<ThreadPool>(n);
+  return *pools[n];
+}
+
+struct Case {
+  int64_t n_tokens = 65;
+  int64_t n_q = 1;
+  int group = 1;
+  int n_kv = 1;
+  int hd = 16;
+  int threads = 1;
+  std::string fmt = "f32";
+  int32_t pos0 = 0;      // position of the first cached token
+  int32_t pos_step = 1;  // positions pos0, pos0 + step, ...
+  uint32_t seed = 1;
+  float q_amp = 1.0f, k_amp = 1.0f, v_amp = 1.0f;
+  bool zero_q = false;
+  float scale = 0;  // 0: 1/sqrt(hd)
+
+  std::string str() const {
+    return "n_tokens=" + std::to_string(n_tokens) + " n_q=" + std::to_string(n_q) +
+           " group=" + std::to_string(group) + " n_kv=" + std::to_string(n_kv) + " hd=" + std::to_string(hd) +
+           " threads=" + std::to_string(threads) + " fmt=" + fmt + " pos0=" + std::to_string(pos0) +
+           " step=" + std::to_string(pos_step) + " seed=" + std::to_string(seed);
+  }
+};
+
+// A one-layer cache filled with random keys/values. The queries are the last
+// n_q tokens: the first n_tokens - n_q tokens are committed, the last n_q form
+// the current (stored, not yet committed) batch, as in a prefill step.
+struct AttnSetup {
+  Case c;
+  std::unique_ptr<KvCache> cache;
+  std::vector<float> q;
+  std::vector<int32_t> q_pos;
+  int n_heads = 0;
+  float scale = 0;
+
+  explicit AttnSetup(const Case& cs, const std::vector<float>* keys = nullptr, const std::vector<float>* vals = nullptr)
+      : c(cs) {
+    n_heads = c.group * c.n_kv;
+    scale = c.scale != 0 ? c.scale : 1.0f / std::sqrt(float(c.hd));
+    KvCacheConfig cfg;
+    cfg.n_layers = 1;
+    cfg.n_kv_heads = c.n_kv;
+    cfg.head_dim = c.hd;
+    cfg.n_ctx = c.n_tokens + 3;
+    cfg.k_format = &kv_format(c.fmt);
+    cfg.v_format = &kv_format(c.fmt);
+    cfg.rope.head_dim = c.hd;
+    cfg.rope.n_rot = c.hd;
+    cache = std::make_unique<KvCache>(cfg);
+
+    std::mt19937 rng(c.seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const int64_t row = int64_t(c.n_kv) * c.hd;
+    std::vector<float> k(size_t(c.n_tokens * row)), v(k.size());
+    for (auto& x : k) x = c.k_amp * u(rng);
+    for (auto& x : v) x = c.v_amp * u(rng);
+    if (keys) k = *keys;
+    if (vals) v = *vals;
+    std::vector<int32_t> pos(size_t(c.n_tokens));
+    for (int64_t i = 0; i < c.n_tokens; ++i) pos[size_t(i)] = c.pos0 + int32_t(i) * c.pos_step;
+
+    const int64_t n_old = c.n_tokens - c.n_q;
+    if (n_old > 0) {
+      cache->begin_batch(std::span<const int32_t>(pos.data(), size_t(n_old)));
+      cache->store(0, k.data(), v.data());
+      cache->end_batch();
+    }
+    cache->begin_batch(std::span<const int32_t>(pos.data() + n_old, size_t(c.n_q)));
+    cache->store(0, k.data() + n_old * row, v.data() + n_old * row);
+
+    q.resize(size_t(c.n_q * n_heads * c.hd));
+    for (auto& x : q) x = c.zero_q ? 0.0f : c.q_amp * u(rng);
+    q_pos.assign(pos.begin() + n_old, pos.end());
+  }
+
+  AttentionArgs args(float* out) const {
+    return AttentionArgs{q.data(), c.n_q, n_heads, q_pos.data(), scale, cache->view(0), out};
+  }
+
+  std::vector<float> run_fast(int threads) const {
+    std::vector<float> out(q.size(), -12345.0f);
+    attention(args(out.data()), pool(threads));
+    return out;
+  }
+  std::vector<float> run_ref() const {
+    std::vector<float> out(q.size(), -12345.0f);
+    attention_ref(args(out.data()));
+    return out;
+  }
+
+  // Decoded (post-RoPE) keys / values of one KV head, [n_tokens][hd].
+  std::vector<float> read(int h, bool keys) const {
+    const KvLayerView kv = cache->view(0);
+    const KvFormat& f = keys ? *kv.k_format : *kv.v_format;
+    std::vector<float> page(size_t(c.hd) * kKvPageTokens), res(size_t(kv.n_tokens) * c.hd);
+    for (int64_t p = 0; p * kKvPageTokens < kv.n_tokens; ++p) {
+      f.decode(keys ? kv.k_block(p, h) : kv.v_block(p, h), page.data(), int64_t(page.size()));
+      for (int64_t j = 0; j < kKvPageTokens && p * kKvPageTokens + j < kv.n_tokens; ++j)
+        for (int d = 0; d < c.hd; ++d)
+          res[size_t((p * kKvPageTokens + j) * c.hd + d)] =
+              keys ? page[size_t(d * kKvPageTokens + j)] : page[size_t(j * c.hd + d)];
+    }
+    return res;
+  }
+
+  double max_abs_v() const {
+    double m = 0;
+    for (int h = 0; h < c.n_kv; ++h)
+      for (float x : read(h, false)) m = std::max(m, double(std::fabs(x)));
+    return m;
+  }
+
+  // max over (query, head, key) of scale * sum_d |q_d k_d|.
+  double max_score_condition() const {
+    double s_max = 0;
+    for (int h = 0; h < c.n_kv; ++h) {
+      const std::vector<float> k = read(h, true);
+      for (int64_t t = 0; t < c.n_q; ++t)
+        for (int g = 0; g < c.group; ++g) {
+          const float* qq = q.data() + (t * n_heads + h * c.group + g) * c.hd;
+          for (int64_t i = 0; i < c.n_tokens; ++i) {
+            double s = 0;
+            for (int d = 0; d < c.hd; ++d) s += std::fabs(double(qq[d]) * k[size_t(i * c.hd + d)]);
+            s_max = std::max(s_max, s * scale);
+          }
+        }
+    }
+    return s_max;
+  }
+
+  double tolerance() const {
+    const double eps = FLT_EPSILON;
+    return max_abs_v() * (1e-5 + 4 * eps * std::sqrt(double(c.n_tokens)) +
+                          8 * eps * std::sqrt(double(c.hd)) * max_score_condition());
+  }
+};
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b, size_t* where = nullptr) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::isnan(a[i]) || std::isnan(b[i]) ? INFINITY : std::fabs(double(a[i]) - b[i]);
+    if (d > m || (std::isinf(d) && !std::isinf(m))) {
+      m = d;
+      if (where) *where = i;
+    }
+  }
+  return m;
+}
+
+bool have_avx2() { return detected_simd_level() >= SimdLevel::avx2; }
+
+// Checks the fast kernel (every available SIMD level) against the oracle.
+void check_case(const Case& c) {
+  SCOPED_TRACE(c.str());
+  const AttnSetup s(c);
+  const std::vector<float> ref = s.run_ref();
+  const double tol = s.tolerance();
+  std::vector<SimdLevel> levels = {SimdLevel::scalar};
+  if (have_avx2()) levels.push_back(detected_simd_level());
+  for (SimdLevel level : levels) {
+    SimdScope scope(level);
+    const std::vector<float> out = s.run_fast(c.threads);
+    size_t at = 0;
+    const double err = max_abs_diff(out, ref, &at);
+    EXPECT_LE(err, tol) << "simd=" << simd_level_name(level) << " worst at flat index " << at << " (token "
+                        << at / (size_t(s.n_heads) * c.hd) << ", head " << (at / c.hd) % s.n_heads << ", dim "
+                        << at % c.hd << "): got " << out[at] << " want " << ref[at];
+  }
+}
+
+// Every cache length x every query count, other parameters cycled so each
+// value meets many others.
+TEST(Attention, MatchesReferenceAcrossShapes) {
+  const int64_t n_tokens_list[] = {1, 31, 63, 64, 65, 127, 129, 1000};
+  const int64_t n_q_list[] = {1, 2, 7, 8, 9, 33};
+  const int groups[] = {1, 3, 4};
+  const int hds[] = {8, 16, 64, 80, 128, 12};
+  const char* fmts[] = {"f32", "f16"};
+  int k = 0;
+  for (int64_t n : n_tokens_list) {
+    for (int64_t nq : n_q_list) {
+      if (nq > n) continue;
+      Case c;
+      c.n_tokens = n;
+      c.n_q = nq;
+      c.group = groups[k % 3];
+      c.n_kv = 1 + (k / 3) % 3;
+      c.hd = hds[k % 6];
+      if (n == 1000 && c.hd > 64) c.hd = 64;  // keep the oracle fast
+      c.threads = 1 + (k / 2) % 3;
+      c.fmt = fmts[(k / 5) % 2];
+      c.seed = uint32_t(100 + k);
+      check_case(c);
+      ++k;
+    }
+  }
+}
+
+// Every head size x GQA group x format, for a decode step and a prefill block.
+TEST(Attention, MatchesReferenceHeadSizesGroupsFormats) {
+  int k = 0;
+  for (int hd : {8, 12, 16, 64, 80, 128})
+    for (int group : {1, 3, 4})
+      for (const char* fmt : {"f32", "f16"})
+        for (int64_t nq : {1, 9}) {
+          Case c;
+          c.n_tokens = 129;
+          c.n_q = nq;
+          c.group = group;
+          c.n_kv = 1 + k % 3;
+          c.hd = hd;
+          c.threads = 2;
+          c.fmt = fmt;
+          c.seed = uint32_t(500 + k++);
+          check_case(c);
+        }
+}
+
+TEST(Attention, MatchesReferenceAcrossThreadCounts) {
+  int k = 0;
+  for (int threads : {1, 2, 3})
+    for (int64_t n : {65, 1000})
+      for (int64_t nq : {1, 33}) {
+        Case c;
+        c.n_tokens = n;
+        c.n_q = nq;
+        c.group = 4;
+        c.n_kv = 2;
+        c.hd = 64;
+        c.threads = threads;
+        c.fmt = (k & 1) ? "f16" : "f32";
+        c.seed = uint32_t(900 + k++);
+        check_case(c);
+      }
+}
+
+// Positions need not be 0..n-1: gaps and an offset start.
+TEST(Attention, MatchesReferenceWithGappedPositions) {
+  for (int64_t nq : {1, 9}) {
+    Case c;
+    c.n_tokens = 200;
+    c.n_q = nq;
+    c.group = 3;
+    c.n_kv = 2;
+    c.hd = 16;
+    c.threads = 3;
+    c.pos0 = 1000;
+    c.pos_step = 3;
+    c.seed = 77;
+    check_case(c);
+  }
+}
+
+// Large scores (|score| up to ~80 and beyond): exp overflow/underflow handling
+// of the running max, the tile max and the split merge.
+TEST(Attention, MatchesReferenceWithLargeLogits) {
+  int k = 0;
+  for (int64_t n : {65, 1000})
+    for (int64_t nq : {1, 9})
+      for (int hd : {16, 64}) {
+        Case c;
+        c.n_tokens = n;
+        c.n_q = nq;
+        c.group = 1 + k % 3;
+        c.n_kv = 2;
+        c.hd = hd;
+        c.threads = 1 + k % 3;
+        c.fmt = (k & 1) ? "f16" : "f32";
+        c.seed = uint32_t(1300 + k++);
+        // Scores = scale * q.k. max_score_condition() bounds every |score| from
+        // above; rescale so that bound is 160: the extreme scores then land
+        // around +-80..160 (exp of differences far outside float range).
+        const AttnSetup probe(c);
+        c.scale = float(probe.scale * 160.0 / probe.max_score_condition());
+        check_case(c);
+      }
+}
+
+// A single key that dominates by ~160 in score: the output is its value.
+TEST(Attention, SpikeKeyDominates) {
+  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
+    SimdScope scope(level);
+    for (int64_t n : {64, 200, 1000}) {
+      Case c;
+      c.n_tokens = n;
+      c.n_q = 1;
+      c.hd = 16;
+      c.n_kv = 1;
+      const int64_t spike = n / 3;
+      std::vector<float> keys(size_t(n * c.hd), 0.0f), vals(size_t(n * c.hd));
+      std::mt19937 rng(5);
+      std::uniform_real_distribution<float> u(-1, 1);
+      for (auto& x : vals) x = u(rng);
+      // Keys are rotated on the way in; with zero keys everywhere except the
+      // spike, the scores are 0 except one. Choose q = rotated spike key direction.
+      keys[size_t(spike * c.hd)] = 1.0f;  // pre-RoPE key e0 of the spike token
+      AttnSetup s(c, &keys, &vals);
+      const std::vector<float> ks = s.read(0, true);
+      for (int d = 0; d < c.hd; ++d) s.q[size_t(d)] = ks[size_t(spike * c.hd + d)] * 160.0f * std::sqrt(float(c.hd));
+      std::vector<float> out = s.run_fast(2);
+      const std::vector<float> ref = s.run_ref();
+      for (int d = 0; d < c.hd; ++d) {
+        EXPECT_NEAR(out[size_t(d)], vals[size_t(spike * c.hd + d)], 1e-5) << "n=" << n << " d=" << d;
+        EXPECT_NEAR(ref[size_t(d)], vals[size_t(spike * c.hd + d)], 1e-5) << "n=" << n << " d=" << d;
+      }
+    }
+  }
+}
+
+// All-equal scores (zero query): the output is the plain mean of the visible values.
+TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
+  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
+    SimdScope scope(level);
+    for (int64_t n : {1, 63, 65, 1000})
+      for (int64_t nq : {int64_t(1), std::min<int64_t>(n, 9)}) {
+        Case c;
+        c.n_tokens = n;
+        c.n_q = nq;
+        c.group = 3;
+        c.n_kv = 2;
+        c.hd = 16;
+        c.threads = 2;
+        c.zero_q = true;
+        c.seed = 3;
+        SCOPED_TRACE(c.str());
+        const AttnSetup s(c);
+        const std::vector<float> out = s.run_fast(c.threads);
+        for (int h = 0; h < c.n_kv; ++h) {
+          const std::vector<float> v = s.read(h, false);
+          for (int64_t t = 0; t < nq; ++t) {
+            const int64_t visible = n - nq + t + 1;
+            for (int d = 0; d < c.hd; ++d) {
+              double mean = 0;
+              for (int64_t i = 0; i < visible; ++i) mean += v[size_t(i * c.hd + d)];
+              mean /= double(visible);
+              for (int g = 0; g < c.group; ++g)
+                ASSERT_NEAR(out[size_t((t * s.n_heads + h * c.group + g) * c.hd + d)], mean, 2e-6)
+                    << "t=" << t << " h=" << h << " g=" << g << " d=" << d;
+            }
+          }
+        }
+      }
+  }
+}
+
+// Causal masking: changing the key/value of the last token changes only the
+// last query's output; earlier queries must be bit-identical.
+TEST(Attention, FutureKeysAreMasked) {
+  int k = 0;
+  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
+    SimdScope scope(level);
+    for (int64_t n : {9, 65, 129, 300})
+      for (int hd : {16, 12}) {
+        Case c;
+        c.n_tokens = n;
+        c.n_q = 9;
+        c.group = 2;
+        c.n_kv = 2;
+        c.hd = hd;
+        c.threads = 1 + k % 3;
+        c.fmt = (k & 1) ? "f16" : "f32";
+        c.seed = uint32_t(40 + k++);
+        SCOPED_TRACE(c.str());
+        const int64_t row = int64_t(c.n_kv) * hd;
+        std::mt19937 rng(c.seed);
+        std::uniform_real_distribution<float> u(-1, 1);
+        std::vector<float> keys(size_t(n * row)), vals(keys.size());
+        for (auto& x : keys) x = u(rng);
+        for (auto& x : vals) x = u(rng);
+        const AttnSetup a(c, &keys, &vals);
+        // Perturb the last token (future for every query but the last) heavily.
+        for (int64_t i = (n - 1) * row; i < n * row; ++i) {
+          keys[size_t(i)] = 50.0f * (keys[size_t(i)] >= 0 ? 1 : -1);
+          vals[size_t(i)] = 1000.0f;
+        }
+        AttnSetup b(c, &keys, &vals);
+        b.q = a.q;
+        const std::vector<float> oa = a.run_fast(c.threads), ob = b.run_fast(c.threads);
+        const size_t per_token = size_t(a.n_heads) * hd;
+        for (size_t i = 0; i < (size_t(c.n_q) - 1) * per_token; ++i)
+          ASSERT_EQ(oa[i], ob[i]) << "query token " << i / per_token << " saw a future key";
+        // ...and the last query does see it (the perturbation is not a no-op).
+        bool changed = false;
+        for (size_t i = (size_t(c.n_q) - 1) * per_token; i < oa.size(); ++i) changed |= oa[i] != ob[i];
+        EXPECT_TRUE(changed);
+        // The oracle agrees on both.
+        EXPECT_LE(max_abs_diff(ob, b.run_ref()), b.tolerance());
+      }
+  }
+}
+
+// A decode query that sits in the middle of the cache (every later key masked;
+// with split-K, whole key ranges see nothing), and one before every key.
+TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
+  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
+    SimdScope scope(level);
+    for (int32_t qpos : {0, 5, 70, 130, 640, 999}) {
+      Case c;
+      c.n_tokens = 1000;
+      c.n_q = 1;
+      c.group = 2;
+      c.n_kv = 1;
+      c.hd = 16;
+      c.pos0 = 1;  // positions 1..1000
+      c.seed = 11;
+      SCOPED_TRACE("qpos=" + std::to_string(qpos));
+      AttnSetup s(c);
+      s.q_pos[0] = qpos;
+      for (int threads : {1, 3}) {
+        const std::vector<float> out = s.run_fast(threads), ref = s.run_ref();
+        EXPECT_LE(max_abs_diff(out, ref), s.tolerance()) << "threads=" << threads;
+        if (qpos == 0) {
+          for (float x : out) ASSERT_EQ(x, 0.0f) << "no visible key must give a zero output";
+        }
+      }
+    }
+  }
+}
+
+// Split-K merge exactness: the last query of a large prefill block (computed
+// over the whole key range by one task, unsplit) equals the same query run as
+// a decode step (key range split into partial softmax states, then merged) to
+// within float rounding of the merge (a few ulp of max|v|).
+TEST(Attention, SplitMergeEqualsUnsplit) {
+  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
+    SimdScope scope(level);
+    for (int64_t n : {129, 1000})
+      for (int threads : {1, 3}) {
+        Case c;
+        c.n_tokens = n;
+        // 1 KV head, group 1: 24 tokens per query block; >= 4*threads blocks
+        // leaves the key range unsplit.
+        c.n_q = 24 * 4 * threads + 1;
+        c.n_kv = 1;
+        c.group = 1;
+        c.hd = 64;
+        c.seed = uint32_t(n + threads);
+        if (c.n_q > n) continue;
+        SCOPED_TRACE(c.str());
+        const AttnSetup prefill(c);
+        Case d = c;
+        d.n_q = 1;
+        AttnSetup decode(d);
+        decode.q.assign(prefill.q.end() - c.hd, prefill.q.end());
+        decode.q_pos = {prefill.q_pos.back()};
+        const std::vector<float> whole = prefill.run_fast(threads);
+        const std::vector<float> split = decode.run_fast(threads);
+        const double maxv = prefill.max_abs_v();
+        for (int dd = 0; dd < c.hd; ++dd)
+          EXPECT_NEAR(split[size_t(dd)], whole[whole.size() - c.hd + dd], 8 * FLT_EPSILON * maxv) << "dim " << dd;
+      }
+  }
+}
+
+TEST(Attention, RejectsHeadsNotMultipleOfKvHeads) {
+  Case c;
+  c.n_kv = 2;
+  c.group = 1;
+  AttnSetup s(c);
+  s.n_heads = 3;
+  std::vector<float> out(3 * 16);
+  s.q.resize(out.size());
+  EXPECT_THROW(attention(s.args(out.data()), pool(1)), Error);
+}
+
+}  // namespace
+}  // namespace kvq

@@ -1,0 +1,342 @@
+// The paged KV cache: page-granular allocation, batch semantics (commit, abort,
+// overflow, position order), and the stored layout read back through the view:
+// keys channel-major per (page, head) block — element (token j, channel d) at
+// k_block(page, h)[d * kKvPageTokens + j] — already rotated for post-RoPE
+// formats; values token-major — element (j, d) at v_block(page, h)[j * head_dim + d].
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/fp16.h"
+#include "formats/kv_format.h"
+#include "kernels/cpu/rope.h"
+#include "kvcache/kv_cache.h"
+#include "kvq/error.h"
+
+namespace kvq {
+namespace {
+
+KvCacheConfig make_config(const char* fmt, int n_layers, int n_kv, int hd, int64_t n_ctx, bool neox = false,
+                          int n_rot = 0) {
+  KvCacheConfig c;
+  c.n_layers = n_layers;
+  c.n_kv_heads = n_kv;
+  c.head_dim = hd;
+  c.n_ctx = n_ctx;
+  c.k_format = &kv_format(fmt);
+  c.v_format = &kv_format(fmt);
+  c.rope.head_dim = hd;
+  c.rope.n_rot = n_rot ? n_rot : hd;
+  c.rope.neox = neox;
+  return c;
+}
+
+std::vector<int32_t> iota_pos(int32_t first, int64_t n, int32_t step = 1) {
+  std::vector<int32_t> p(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p[size_t(i)] = first + int32_t(i) * step;
+  return p;
+}
+
+std::vector<float> random_vec(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<float> v(n);
+  for (auto& x : v) x = u(rng);
+  return v;
+}
+
+// Appends a batch with the same data in every layer (or layer-specific data).
+void append(KvCache& cache, const std::vector<int32_t>& pos, const std::vector<std::vector<float>>& k,
+            const std::vector<std::vector<float>>& v) {
+  cache.begin_batch(pos);
+  for (int l = 0; l < cache.config().n_layers; ++l) cache.store(l, k[size_t(l)].data(), v[size_t(l)].data());
+  cache.end_batch();
+}
+
+void append_random(KvCache& cache, const std::vector<int32_t>& pos, uint32_t seed) {
+  const auto& c = cache.config();
+  const size_t n = pos.size() * size_t(c.n_kv_heads) * c.head_dim;
+  std::vector<std::vector<float>> k, v;
+  for (int l = 0; l < c.n_layers; ++l) {
+    k.push_back(random_vec(n, seed + 2 * l));
+    v.push_back(random_vec(n, seed + 2 * l + 1));
+  }
+  append(cache, pos, k, v);
+}
+
+// Element (token i, channel d) of head h as stored in a layer view.
+float read_k(const KvLayerView& kv, int64_t i, int h, int d) {
+  const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
+  const KvFormat& f = *kv.k_format;
+  float x;
+  f.decode(kv.k_block(page, h) + (d * kKvPageTokens + j) * f.element_bytes, &x, 1);
+  return x;
+}
+float read_v(const KvLayerView& kv, int64_t i, int h, int d) {
+  const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
+  const KvFormat& f = *kv.v_format;
+  float x;
+  f.decode(kv.v_block(page, h) + (j * kv.head_dim + d) * f.element_bytes, &x, 1);
+  return x;
+}
+
+uint64_t expected_bytes(const char* fmt, int64_t pages_per_layer, int n_layers, int n_kv, int hd) {
+  return uint64_t(pages_per_layer) * kKvPageTokens * uint64_t(n_kv) * uint64_t(hd) *
+         uint64_t(kv_format(fmt).element_bytes) * uint64_t(n_layers);
+}
+
+TEST(KvCache, BytesGrowInWholePages) {
+  for (const char* fmt : {"f32", "f16"}) {
+    SCOPED_TRACE(fmt);
+    const int n_layers = 3, n_kv = 2, hd = 16;
+    KvCache cache(make_config(fmt, n_layers, n_kv, hd, 1000));
+    EXPECT_EQ(cache.bytes_k(), 0u);
+    EXPECT_EQ(cache.bytes_v(), 0u);
+    EXPECT_EQ(cache.n_tokens(), 0);
+    // Token counts after each batch -> pages per layer.
+    int32_t next = 0;
+    const std::pair<int64_t, int64_t> steps[] = {{1, 1}, {62, 1}, {1, 1}, {1, 2}, {63, 2}, {1, 3}, {200, 6}};
+    int64_t total = 0;
+    for (auto [n, pages] : steps) {
+      append_random(cache, iota_pos(next, n), uint32_t(next));
+      next += int32_t(n);
+      total += n;
+      EXPECT_EQ(cache.n_tokens(), total);
+      EXPECT_EQ(cache.bytes_k(), expected_bytes(fmt, pages, n_layers, n_kv, hd)) << "after " << total << " tokens";
+      EXPECT_EQ(cache.bytes_v(), expected_bytes(fmt, pages, n_layers, n_kv, hd)) << "after " << total << " tokens";
+    }
+  }
+}
+
+TEST(KvCache, ClearKeepsPagesForgetsTokens) {
+  KvCache cache(make_config("f16", 2, 1, 8, 500));
+  append_random(cache, iota_pos(0, 130), 1);
+  const uint64_t bk = cache.bytes_k(), bv = cache.bytes_v();
+  EXPECT_EQ(bk, expected_bytes("f16", 3, 2, 1, 8));
+  cache.clear();
+  EXPECT_EQ(cache.n_tokens(), 0);
+  EXPECT_EQ(cache.view(0).n_tokens, 0);
+  EXPECT_EQ(cache.view(1).n_tokens, 0);
+  EXPECT_EQ(cache.bytes_k(), bk);
+  EXPECT_EQ(cache.bytes_v(), bv);
+  // Positions restart: 0 is accepted again, and reuse allocates nothing new.
+  append_random(cache, iota_pos(0, 100), 2);
+  EXPECT_EQ(cache.n_tokens(), 100);
+  EXPECT_EQ(cache.bytes_k(), bk);
+  EXPECT_EQ(cache.view(0).positions[0], 0);
+}
+
+TEST(KvCache, ContextOverflowThrowsAndLeavesCacheUnchanged) {
+  KvCache cache(make_config("f32", 2, 2, 8, 100));
+  append_random(cache, iota_pos(0, 90), 3);
+  const uint64_t bk = cache.bytes_k(), bv = cache.bytes_v();
+  const float k_before = read_k(cache.view(1), 89, 1, 7);
+  try {
+    cache.begin_batch(iota_pos(90, 11));
+    FAIL() << "expected an overflow error";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("context"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("100"), std::string::npos) << "names the context size: " << msg;
+  }
+  EXPECT_EQ(cache.n_tokens(), 90);
+  EXPECT_EQ(cache.batch_size(), 0);
+  EXPECT_EQ(cache.bytes_k(), bk);
+  EXPECT_EQ(cache.bytes_v(), bv);
+  EXPECT_EQ(cache.view(0).n_tokens, 90);
+  EXPECT_EQ(read_k(cache.view(1), 89, 1, 7), k_before);
+  // Exactly filling the context is fine.
+  append_random(cache, iota_pos(90, 10), 4);
+  EXPECT_EQ(cache.n_tokens(), 100);
+  EXPECT_THROW(cache.begin_batch(iota_pos(100, 1)), Error);
+  EXPECT_EQ(cache.n_tokens(), 100);
+}
+
+TEST(KvCache, PositionsMustIncrease) {
+  KvCache cache(make_config("f32", 1, 1, 8, 100));
+  append_random(cache, iota_pos(10, 5), 5);  // positions 10..14
+  const uint64_t bk = cache.bytes_k();
+  for (const std::vector<int32_t>& bad :
+       {std::vector<int32_t>{14}, std::vector<int32_t>{3}, std::vector<int32_t>{15, 15},
+        std::vector<int32_t>{16, 15}, std::vector<int32_t>{20, 21, 21}}) {
+    EXPECT_THROW(cache.begin_batch(bad), Error) << "first bad position " << bad[0];
+    EXPECT_EQ(cache.n_tokens(), 5);
+    EXPECT_EQ(cache.batch_size(), 0);
+    EXPECT_EQ(cache.bytes_k(), bk);
+  }
+  // Gaps are allowed.
+  append_random(cache, {15, 30, 31}, 6);
+  EXPECT_EQ(cache.n_tokens(), 8);
+  EXPECT_EQ(cache.view(0).positions[7], 31);
+  EXPECT_THROW(cache.begin_batch(std::vector<int32_t>{31}), Error);
+}
+
+TEST(KvCache, AbortBatchForgetsTheBatch) {
+  const int hd = 8, n_kv = 2;
+  KvCache cache(make_config("f32", 2, n_kv, hd, 300));
+  append_random(cache, iota_pos(0, 60), 7);
+  const std::vector<float> k_bad = random_vec(10 * n_kv * hd, 8), v_bad = random_vec(10 * n_kv * hd, 9);
+  cache.begin_batch(iota_pos(60, 10));
+  EXPECT_EQ(cache.batch_size(), 10);
+  cache.store(0, k_bad.data(), v_bad.data());
+  EXPECT_EQ(cache.view(0).n_tokens, 70);  // the stored batch is readable
+  EXPECT_EQ(cache.view(1).n_tokens, 60);  // not stored in this layer yet
+  cache.abort_batch();
+  EXPECT_EQ(cache.batch_size(), 0);
+  EXPECT_EQ(cache.n_tokens(), 60);
+  EXPECT_EQ(cache.view(0).n_tokens, 60);
+  EXPECT_EQ(cache.view(1).n_tokens, 60);
+  // The aborted positions are free again; the new batch's data is what is read.
+  const std::vector<float> k = random_vec(10 * n_kv * hd, 10), v = random_vec(10 * n_kv * hd, 11);
+  append(cache, iota_pos(60, 10), {k, k}, {v, v});
+  EXPECT_EQ(cache.n_tokens(), 70);
+  const KvLayerView kv = cache.view(0);
+  EXPECT_EQ(kv.positions[60], 60);
+  EXPECT_EQ(kv.positions[69], 69);
+  for (int64_t i = 0; i < 10; ++i)
+    for (int h = 0; h < n_kv; ++h)
+      for (int d = 0; d < hd; ++d)
+        ASSERT_EQ(read_v(kv, 60 + i, h, d), v[size_t((i * n_kv + h) * hd + d)]);
+}
+
+// f32 keys read back equal Rope::apply of the input at the token's position
+// (bit-exact), and the textbook rotation in double (within rounding); values
+// are the inputs exactly. Multiple batches straddling pages, multiple layers.
+TEST(KvCache, F32StoresRotatedKeysChannelMajorAndValuesTokenMajor) {
+  for (bool neox : {false, true})
+    for (int n_rot : {0, 8}) {
+      SCOPED_TRACE(std::string("neox=") + (neox ? "1" : "0") + " n_rot=" + std::to_string(n_rot));
+      const int hd = 16, n_kv = 3, n_layers = 2;
+      const KvCacheConfig cfg = make_config("f32", n_layers, n_kv, hd, 400, neox, n_rot);
+      KvCache cache(cfg);
+      const Rope rope(cfg.rope);
+      const int64_t row = int64_t(n_kv) * hd;
+      std::vector<int32_t> all_pos;
+      std::vector<std::vector<float>> all_k(n_layers), all_v(n_layers);
+      int32_t next = 5;
+      uint32_t seed = 1;
+      for (int64_t n : {1, 40, 30, 64, 1, 70}) {
+        const std::vector<int32_t> pos = iota_pos(next, n, 2);
+        next = pos.back() + 3;
+        std::vector<std::vector<float>> k, v;
+        for (int l = 0; l < n_layers; ++l) {
+          k.push_back(random_vec(size_t(n * row), seed++));
+          v.push_back(random_vec(size_t(n * row), seed++));
+          all_k[size_t(l)].insert(all_k[size_t(l)].end(), k.back().begin(), k.back().end());
+          all_v[size_t(l)].insert(all_v[size_t(l)].end(), v.back().begin(), v.back().end());
+        }
+        all_pos.insert(all_pos.end(), pos.begin(), pos.end());
+        append(cache, pos, k, v);
+      }
+      const int64_t n = int64_t(all_pos.size());
+      ASSERT_EQ(cache.n_tokens(), n);
+      for (int l = 0; l < n_layers; ++l) {
+        const KvLayerView kv = cache.view(l);
+        ASSERT_EQ(kv.n_tokens, n);
+        EXPECT_EQ(kv.n_kv_heads, n_kv);
+        EXPECT_EQ(kv.head_dim, hd);
+        for (int64_t i = 0; i < n; ++i) {
+          ASSERT_EQ(kv.positions[i], all_pos[size_t(i)]);
+          std::vector<float> rotated(all_k[size_t(l)].begin() + i * row, all_k[size_t(l)].begin() + (i + 1) * row);
+          rope.apply(rotated.data(), n_kv, all_pos[size_t(i)]);
+          for (int h = 0; h < n_kv; ++h) {
+            const float* raw = all_k[size_t(l)].data() + i * row + h * hd;
+            const int half = cfg.rope.n_rot / 2;
+            for (int d = 0; d < hd; ++d) {
+              const float got = read_k(kv, i, h, d);
+              ASSERT_EQ(got, rotated[size_t(h * hd + d)]) << "layer " << l << " token " << i << " head " << h << " d " << d;
+              // Independent check of the rotation.
+              double want = raw[d];
+              if (d < cfg.rope.n_rot) {
+                const int pair = neox ? (d % half) : d / 2;
+                const bool first = neox ? d < half : d % 2 == 0;
+                const int a = neox ? pair : 2 * pair, b = neox ? pair + half : 2 * pair + 1;
+                const double th = double(all_pos[size_t(i)]) * std::pow(10000.0, -2.0 * pair / cfg.rope.n_rot);
+                want = first ? raw[a] * std::cos(th) - raw[b] * std::sin(th) : raw[a] * std::sin(th) + raw[b] * std::cos(th);
+              }
+              ASSERT_NEAR(got, want, 2e-6) << "token " << i << " head " << h << " d " << d;
+              ASSERT_EQ(read_v(kv, i, h, d), all_v[size_t(l)][size_t(i * row + h * hd + d)]);
+            }
+          }
+        }
+      }
+    }
+}
+
+TEST(KvCache, F16StoresHalfRoundedRotatedKeysAndValues) {
+  const int hd = 8, n_kv = 2;
+  const KvCacheConfig cfg = make_config("f16", 1, n_kv, hd, 200);
+  KvCache cache(cfg);
+  const Rope rope(cfg.rope);
+  const int64_t n = 130, row = int64_t(n_kv) * hd;
+  std::vector<float> k = random_vec(size_t(n * row), 1), v = random_vec(size_t(n * row), 2);
+  // Values at awkward magnitudes too: subnormal halves, overflow, exact halves.
+  v[0] = 1e-6f;
+  v[1] = 7e4f;
+  v[2] = 1.0009766f;
+  v[3] = -2.9802322e-08f;
+  append(cache, iota_pos(0, n), {k}, {v});
+  const KvLayerView kv = cache.view(0);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<float> rotated(k.begin() + i * row, k.begin() + (i + 1) * row);
+    rope.apply(rotated.data(), n_kv, i);
+    for (int h = 0; h < n_kv; ++h)
+      for (int d = 0; d < hd; ++d) {
+        const size_t at = size_t(h * hd + d);
+        ASSERT_EQ(read_k(kv, i, h, d), fp16_to_f32(f32_to_fp16(rotated[at]))) << i << "," << h << "," << d;
+        const float vin = v[size_t(i * row) + at];
+        ASSERT_EQ(f32_to_bits(read_v(kv, i, h, d)), f32_to_bits(fp16_to_f32(f32_to_fp16(vin)))) << vin;
+      }
+  }
+  EXPECT_TRUE(std::isinf(read_v(kv, 0, 0, 1)));
+}
+
+// The raw layout: k_block/v_block offsets and the page structure.
+TEST(KvCache, ViewLayoutOffsets) {
+  const int hd = 8, n_kv = 3;
+  KvCache cache(make_config("f32", 1, n_kv, hd, 200));
+  append_random(cache, iota_pos(0, 70), 1);
+  const KvLayerView kv = cache.view(0);
+  EXPECT_EQ(kv.k_head_bytes, uint64_t(hd) * kKvPageTokens * 4);
+  EXPECT_EQ(kv.v_head_bytes, uint64_t(hd) * kKvPageTokens * 4);
+  EXPECT_EQ(kv.v_offset, kv.k_head_bytes * n_kv);
+  EXPECT_EQ(kv.k_block(1, 2), kv.pages[1] + 2 * kv.k_head_bytes);
+  EXPECT_EQ(kv.v_block(1, 2), kv.pages[1] + kv.v_offset + 2 * kv.v_head_bytes);
+  EXPECT_NE(kv.pages[0], kv.pages[1]);
+  // Padding slots of the partial last page are zero (no garbage for SIMD tiles).
+  for (int h = 0; h < n_kv; ++h)
+    for (int64_t j = 70 - kKvPageTokens; j < kKvPageTokens; ++j)
+      for (int d = 0; d < hd; ++d) {
+        float x;
+        std::memcpy(&x, kv.k_block(1, h) + (d * kKvPageTokens + j) * 4, 4);
+        ASSERT_EQ(x, 0.0f);
+        std::memcpy(&x, kv.v_block(1, h) + (j * hd + d) * 4, 4);
+        ASSERT_EQ(x, 0.0f);
+      }
+}
+
+TEST(KvCache, RejectsBadConfig) {
+  EXPECT_THROW(KvCache(make_config("f32", 0, 1, 8, 10)), Error);
+  EXPECT_THROW(KvCache(make_config("f32", 1, 0, 8, 10)), Error);
+  EXPECT_THROW(KvCache(make_config("f32", 1, 1, 8, 0)), Error);
+  KvCacheConfig c = make_config("f32", 1, 1, 8, 10);
+  c.k_format = nullptr;
+  EXPECT_THROW({ KvCache cache(c); }, Error);
+}
+
+TEST(KvCache, EmptyBatchIsANoOp) {
+  KvCache cache(make_config("f32", 1, 1, 8, 10));
+  cache.begin_batch(std::span<const int32_t>());
+  EXPECT_EQ(cache.batch_size(), 0);
+  EXPECT_EQ(cache.bytes_k(), 0u);
+  append_random(cache, {0, 1}, 1);
+  EXPECT_EQ(cache.n_tokens(), 2);
+}
+
+}  // namespace
+}  // namespace kvq
