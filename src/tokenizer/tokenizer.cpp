@@ -344,7 +344,8 @@ void Tokenizer::Impl::spm_chunk(std::string_view text, size_t begin, size_t end,
   std::vector<Sym>& syms = sc.syms;
   syms.clear();
   for (size_t i = begin; i < end;) {
-    size_t n = std::min(unicode::utf8_len(uint8_t(text[i])), end - i);
+    size_t n;  // one code point; a malformed byte stands alone (and falls back to <0xXX>)
+    unicode::decode_utf8(text.substr(0, end), i, n);
     syms.push_back(Sym{-1, uint32_t(i), uint32_t(n), int32_t(syms.size()) - 1, int32_t(syms.size()) + 1});
     i += n;
   }
@@ -590,7 +591,17 @@ std::string Tokenizer::token_bytes(int32_t id, bool render_special) const {
     case kUnknown:
       return render_special ? t : std::string("\xEF\xBF\xBD");
     case kUserDefined:
-      return t;  // literal text
+      // Literal text, except where the vocabulary supplies a byte-level byte
+      // symbol only as a user-defined token (then it stands for that byte).
+      if (!im.spm) {
+        size_t len;
+        const uint32_t cp = unicode::decode_utf8(t, 0, len);
+        const ByteMap& bm = byte_map();
+        if (len == t.size() && cp < bm.to_byte.size() && bm.to_byte[cp] >= 0 &&
+            im.byte_token[size_t(bm.to_byte[cp])] == id)
+          return std::string(1, char(bm.to_byte[cp]));
+      }
+      return t;
     case kByte:
       if (im.spm && t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>') {
         return std::string(1, char(std::stoi(t.substr(3, 2), nullptr, 16)));
