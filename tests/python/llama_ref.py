@@ -14,6 +14,9 @@ import numpy as np
 
 from gguf import GGMLQuantizationType as QT
 
+# Weight types whose dot products consume 8-bit, 32-element activation blocks.
+_Q8_ACT_TYPES = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
+
 
 @dataclasses.dataclass
 class Hparams:
@@ -34,6 +37,17 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     if f is None:
         return default
     return f.contents()
+
+
+def _block_mins(t) -> np.ndarray | None:
+    """Per-block mins (rows, cols/32) of a Q4_1/Q5_1 tensor, else None."""
+    if t.tensor_type not in (QT.Q4_1, QT.Q5_1):
+        return None
+    rows = int(t.shape[1])
+    raw = np.asarray(t.data, dtype=np.uint8).reshape(rows, -1)
+    bb = 20 if t.tensor_type == QT.Q4_1 else 24  # block bytes: d, m (fp16), [qh], qs
+    blocks = raw.reshape(rows, -1, bb)
+    return blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float64)
 
 
 def _matrix(t) -> np.ndarray:
@@ -75,10 +89,16 @@ class LlamaRef:
         self.layers = []
         for i in range(self.hp.n_layer):
             m = lambda n: _matrix(tensors[f"blk.{i}.{n}.weight"])  # noqa: E731
-            self.layers.append({n: m(n) for n in (
+            L = {n: m(n) for n in (
                 "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
-                "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")})
+                "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+            L["types"] = {n: tensors[f"blk.{i}.{n}.weight"].tensor_type for n in L}
+            L["mins"] = {n: _block_mins(tensors[f"blk.{i}.{n}.weight"]) for n in L["types"]}
+            self.layers.append(L)
         self.weight_types = {t.name: t.tensor_type for t in r.tensors}
+        out_t = tensors["token_embd.weight" if self.tied else "output.weight"]
+        self.output_type = out_t.tensor_type
+        self.output_mins = _block_mins(out_t)
 
     # -- building blocks ---------------------------------------------------------
 
@@ -109,12 +129,45 @@ class LlamaRef:
             out[..., 1:n_rot:2] = a * s + b * c
         return out
 
+    @staticmethod
+    def act_q8(x: np.ndarray) -> np.ndarray:
+        """The 8-bit activation rounding of GGUF engines (Q8_0/Q8_1 from_float):
+        per 32-block d = amax/127 (float32), q = round-half-away(x/d), value = fp16(d) * q."""
+        xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+        d = np.abs(xb).max(axis=2, keepdims=True) / np.float32(127)
+        inv = np.float32(1) / np.where(d != 0, d, np.float32(1))
+        inv = np.where(d != 0, inv, np.float32(0))
+        t = (xb * inv).astype(np.float32)
+        q = np.sign(t) * np.floor(np.abs(t) + np.float32(0.5))
+        return (d.astype(np.float16).astype(np.float64) * q).reshape(x.shape)
+
+    def mm(self, x: np.ndarray, w: np.ndarray, wtype, act_q8: bool, mins=None) -> np.ndarray:
+        """x @ w.T; with act_q8, activations of 32-block quantized weights are
+        first rounded as an engine that dots them against Q8_0/Q8_1 would.
+        For Q4_1/Q5_1 (mins given) the min term uses Q8_1's s = fp16(d * sum q)
+        instead of the exact fp16(d) * sum q."""
+        if not (act_q8 and wtype in _Q8_ACT_TYPES):
+            return x @ w.T
+        xq = self.act_q8(x)
+        y = xq @ w.T
+        if mins is not None:
+            xb = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+            d = np.abs(xb).max(axis=2) / np.float32(127)
+            qsum = (xq.reshape(x.shape[0], -1, 32).sum(axis=2)
+                    / np.where(d != 0, d.astype(np.float16).astype(np.float64), 1.0))
+            qsum = np.round(qsum)
+            s_q81 = (qsum.astype(np.float32) * d).astype(np.float16).astype(np.float64)
+            s_exact = qsum * d.astype(np.float16).astype(np.float64)
+            y += (s_q81 - s_exact) @ mins.T  # mins: (rows, cols/32)
+        return y
+
     # -- forward -----------------------------------------------------------------
 
-    def forward(self, tokens, neox: bool = False, kv_f16: bool = False) -> np.ndarray:
+    def forward(self, tokens, neox: bool = False, kv_f16: bool = False, act_q8: bool = False) -> np.ndarray:
         """Logits (n_tokens, n_vocab) after each token, positions 0..n-1.
 
         kv_f16 rounds K (after RoPE) and V to float16, as kvq's f16 KV cache stores them.
+        act_q8 rounds the activations entering 32-block quantized matmuls to 8 bits.
         """
         hp = self.hp
         tokens = np.asarray(tokens, dtype=np.int64)
@@ -125,10 +178,11 @@ class LlamaRef:
         scale = 1.0 / np.sqrt(hp.head_dim)
         causal = np.triu(np.ones((n, n), dtype=bool), k=1)  # True where key is in the future
         for L in self.layers:
+            mm = lambda a, name: self.mm(a, L[name], L["types"][name], act_q8, L["mins"][name])  # noqa: E731
             h = self.rmsnorm(x, L["attn_norm"])
-            q = (h @ L["attn_q"].T).reshape(n, hp.n_head, hp.head_dim)
-            k = (h @ L["attn_k"].T).reshape(n, hp.n_head_kv, hp.head_dim)
-            v = (h @ L["attn_v"].T).reshape(n, hp.n_head_kv, hp.head_dim)
+            q = (mm(h, "attn_q")).reshape(n, hp.n_head, hp.head_dim)
+            k = (mm(h, "attn_k")).reshape(n, hp.n_head_kv, hp.head_dim)
+            v = (mm(h, "attn_v")).reshape(n, hp.n_head_kv, hp.head_dim)
             q = self.rope(q, pos, neox)
             k = self.rope(k, pos, neox)
             if kv_f16:
@@ -143,13 +197,13 @@ class LlamaRef:
                 p = np.exp(scores)
                 p /= p.sum(axis=1, keepdims=True)
                 attn[:, hd, :] = p @ v[:, kv, :]
-            x = x + attn.reshape(n, -1) @ L["attn_output"].T
+            x = x + mm(attn.reshape(n, -1), "attn_output")
             h = self.rmsnorm(x, L["ffn_norm"])
-            gate = h @ L["ffn_gate"].T
-            up = h @ L["ffn_up"].T
+            gate = mm(h, "ffn_gate")
+            up = mm(h, "ffn_up")
             silu = gate / (1.0 + np.exp(-gate))
-            x = x + (silu * up) @ L["ffn_down"].T
-        return self.rmsnorm(x, self.output_norm) @ self.output.T
+            x = x + mm(silu * up, "ffn_down")
+        return self.mm(self.rmsnorm(x, self.output_norm), self.output, self.output_type, act_q8, self.output_mins)
 
 
 def perplexity(logits: np.ndarray, tokens) -> float:
