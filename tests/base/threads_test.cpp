@@ -111,17 +111,22 @@ TEST(ThreadPool, RunPublishesResults) {
 }
 
 TEST(ThreadPool, ManyTinyJobsDoNotDeadlock) {
-  for (int threads : {2, 3}) {
-    ThreadPool pool(threads);
-    std::atomic<int64_t> total{0};
-    for (int rep = 0; rep < 10000; ++rep) {
-      if (rep % 2)
-        pool.run([&](int, int) { total.fetch_add(1, std::memory_order_relaxed); });
-      else
-        pool.parallel_for(7, [&](int64_t b, int64_t e) { total.fetch_add(e - b, std::memory_order_relaxed); });
-    }
-    EXPECT_EQ(total.load(), 5000 * threads + 5000 * 7);
+  // 10000 back-to-back fork-joins (alternating run / parallel_for); a lost
+  // wake-up or a miscounted join would hang or miscount here.
+  ThreadPool pool(2);
+  std::atomic<int64_t> total{0};
+  for (int rep = 0; rep < 10000; ++rep) {
+    if (rep % 2)
+      pool.run([&](int, int) { total.fetch_add(1, std::memory_order_relaxed); });
+    else
+      pool.parallel_for(7, [&](int64_t b, int64_t e) { total.fetch_add(e - b, std::memory_order_relaxed); });
   }
+  EXPECT_EQ(total.load(), 5000 * 2 + 5000 * 7);
+  // More threads than this machine may have cores (workers get descheduled mid-spin).
+  ThreadPool big(5);
+  std::atomic<int64_t> n{0};
+  for (int rep = 0; rep < 500; ++rep) big.run([&](int, int) { n.fetch_add(1, std::memory_order_relaxed); });
+  EXPECT_EQ(n.load(), 500 * 5);
 }
 
 // Jobs separated by pauses long enough for workers to stop spinning and sleep:

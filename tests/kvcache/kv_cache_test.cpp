@@ -320,6 +320,32 @@ TEST(KvCache, ViewLayoutOffsets) {
       }
 }
 
+// Rows of n_kv_heads * head_dim wider than 1024 floats are common: models
+// without GQA (32 heads x 128 = 4096) or with wide heads (8 x 256 = 2048).
+TEST(KvCache, StoresWideRows) {
+  for (const char* fmt : {"f32", "f16"})
+    for (auto [n_kv, hd] : {std::pair{8, 256}, std::pair{32, 128}}) {
+      SCOPED_TRACE(std::string(fmt) + " n_kv=" + std::to_string(n_kv) + " hd=" + std::to_string(hd));
+      const KvCacheConfig cfg = make_config(fmt, 1, n_kv, hd, 16);
+      KvCache cache(cfg);
+      const Rope rope(cfg.rope);
+      const int64_t n = 3, row = int64_t(n_kv) * hd;
+      const std::vector<float> k = random_vec(size_t(n * row), 1), v = random_vec(size_t(n * row), 2);
+      ASSERT_NO_THROW(append(cache, iota_pos(0, n), {k}, {v}));
+      const KvLayerView kv = cache.view(0);
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> rotated(k.begin() + i * row, k.begin() + (i + 1) * row);
+        rope.apply(rotated.data(), n_kv, i);
+        for (int h = 0; h < n_kv; h += 7)
+          for (int d = 0; d < hd; d += 5) {
+            const size_t at = size_t(h * hd + d);
+            const float want = std::string(fmt) == "f32" ? rotated[at] : fp16_to_f32(f32_to_fp16(rotated[at]));
+            ASSERT_EQ(read_k(kv, i, h, d), want) << i << "," << h << "," << d;
+          }
+      }
+    }
+}
+
 TEST(KvCache, RejectsBadConfig) {
   EXPECT_THROW(KvCache(make_config("f32", 0, 1, 8, 10)), Error);
   EXPECT_THROW(KvCache(make_config("f32", 1, 0, 8, 10)), Error);
