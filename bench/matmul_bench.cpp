@@ -27,9 +27,10 @@ namespace {
 
 using T = GgmlType;
 
-ThreadPool& pool() {
-  static ThreadPool p(default_thread_count());
-  return p;
+ThreadPool& pool(int threads = 0) {
+  static ThreadPool all(default_thread_count());
+  static ThreadPool one(1);
+  return threads == 1 ? one : all;
 }
 
 struct Aligned {
@@ -64,10 +65,12 @@ std::vector<float> make_input(int64_t n, uint32_t seed) {
   return v;
 }
 
-// args: type, rows, cols, tokens
+// args: type, rows, cols, tokens, threads (0: every core). The 1-thread runs
+// time CPU, so kernel speed can be read even while the machine is busy.
 void BM_Matmul(benchmark::State& state) {
   const T type = T(state.range(0));
   const int64_t rows = state.range(1), cols = state.range(2), tokens = state.range(3);
+  ThreadPool& tp = pool(int(state.range(4)));
   uint64_t rb = 0;
   Buffer first = make_weights(type, rows, cols, &rb, 1);
   const uint64_t wbytes = rb * uint64_t(rows);
@@ -84,7 +87,7 @@ void BM_Matmul(benchmark::State& state) {
   size_t i = 0;
   for (auto _ : state) {
     const WeightView w{type, rows, cols, ws[i].get(), rb};
-    matmul(w, x.data(), y.data(), tokens, pool());
+    matmul(w, x.data(), y.data(), tokens, tp);
     benchmark::DoNotOptimize(y.data());
     i = (i + 1) % ws.size();
   }
@@ -95,20 +98,30 @@ void BM_Matmul(benchmark::State& state) {
                                                     double(state.iterations()),
                                                 benchmark::Counter::kIsRate);
   state.SetLabel(std::string(ggml_type_name(type)) + " " + simd_level_name(simd_level()) + " threads=" +
-                 std::to_string(pool().size()));
+                 std::to_string(tp.size()));
 }
 
 void MatmulArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"type", "rows", "cols", "tokens"});
+  b->ArgNames({"type", "rows", "cols", "tokens", "threads"});
   const int64_t shapes[][2] = {{576, 576}, {192, 576}, {1536, 576}, {576, 1536}};
   for (T t : {T::Q4_1, T::Q8_0})
     for (int64_t tokens : {1, 512})
-      for (const auto& s : shapes) b->Args({int64_t(t), s[0], s[1], tokens});
+      for (const auto& s : shapes) b->Args({int64_t(t), s[0], s[1], tokens, 0});
   // The tied embedding / output head.
-  b->Args({int64_t(T::Q8_0), 49152, 576, 1});
+  b->Args({int64_t(T::Q8_0), 49152, 576, 1, 0});
   b->UseRealTime();
 }
 BENCHMARK(BM_Matmul)->Apply(MatmulArgs);
+
+void MatmulArgs1T(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"type", "rows", "cols", "tokens", "threads"});
+  for (T t : {T::Q4_1, T::Q8_0}) {
+    b->Args({int64_t(t), 576, 1536, 512, 1});
+    b->Args({int64_t(t), 1536, 576, 512, 1});
+    b->Args({int64_t(t), 1536, 576, 1, 1});
+  }
+}
+BENCHMARK(BM_Matmul)->Apply(MatmulArgs1T);
 
 // One decoded token's worth of layer matmuls (30 layers, all distinct weights,
 // ~100 MB with the head), to compare with the generation target.

@@ -607,39 +607,50 @@ void pack_row<BlockQ5_0>(const BlockQ5_0* x, int64_t nb, __m256i* q, float* d, f
   }
 }
 
+constexpr int kTileR = 2;
+constexpr int kTileT = 4;
+static_assert(kTileR * kTileT == 8, "d products of one block fill one vector");
+
 // kR rows (packed, row stride nb vectors) x kT tokens over all nb blocks.
-// dd: per block, kR x kT products d_w * d_a (row-major within the block).
+// dd: per block, the 8 products d_w[r] * d_a[t] at [r * kTileT + t].
 template <class P, int kR, int kT>
 void micro(int64_t nb, int64_t nbp, const __m256i* wq, const float* dd, const typename P::ABlock* const* arow,
            const float* wm, const float* as, float* y, int64_t ldy) {
-  __m256 acc[kR][kT];
-  for (int r = 0; r < kR; ++r)
-    for (int t = 0; t < kT; ++t) acc[r][t] = _mm256_setzero_ps();
+  // Flat array + forced unrolling: lets GCC keep every accumulator in a
+  // register (with a 2-D array it kept storing them to the stack each block).
+  __m256 acc[kR * kT];
+#pragma GCC unroll 16
+  for (int i = 0; i < kR * kT; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const float* ddb = dd + b * (kR * kT);
+    const float* ddb = dd + b * (kTileR * kTileT);
+#pragma GCC unroll 8
     for (int t = 0; t < kT; ++t) {
       const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(arow[t][b].qs));
+#pragma GCC unroll 8
       for (int r = 0; r < kR; ++r) {
         const __m256i s = P::idot(wq[r * nb + b], av);
-        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(ddb + r * kT + t), acc[r][t]);
+        acc[r * kT + t] =
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcast_ss(ddb + r * kTileT + t), acc[r * kT + t]);
       }
     }
   }
   if constexpr (P::kHasMin) {
     // sum_b m_w s_a, 8 blocks at a time (buffers are zero-padded to nbp).
-    for (int64_t c = 0; c < nbp; c += 8)
+    for (int64_t c = 0; c < nbp; c += 8) {
+#pragma GCC unroll 8
       for (int r = 0; r < kR; ++r) {
         const __m256 mv = _mm256_loadu_ps(wm + r * nbp + c);
+#pragma GCC unroll 8
         for (int t = 0; t < kT; ++t)
-          acc[r][t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(as + t * nbp + c), acc[r][t]);
+          acc[r * kT + t] = _mm256_fmadd_ps(mv, _mm256_loadu_ps(as + t * nbp + c), acc[r * kT + t]);
       }
+    }
   }
+#pragma GCC unroll 8
   for (int t = 0; t < kT; ++t)
-    for (int r = 0; r < kR; ++r) y[t * ldy + r] = hsum(acc[r][t]);
+#pragma GCC unroll 8
+    for (int r = 0; r < kR; ++r) y[t * ldy + r] = hsum(acc[r * kT + t]);
 }
-
-constexpr int kTileR = 2;
-constexpr int kTileT = 4;
 
 // Edge tiles (fewer rows or tokens) use smaller instantiations.
 template <class P>
@@ -661,21 +672,24 @@ void gemm_tiled(int64_t k, const void* w, uint64_t w_stride, int64_t nr, const v
   using ABlock = typename P::ABlock;
   const int64_t nb = k / QK;
   const int64_t nbp = (nb + 7) / 8 * 8;
-  // Float scratch: activation d and s (nt x nbp each), weight d and m
-  // (kTileR x nbp each), d products (nb x kTileR x kTileT).
-  float* fl = scratch(tl_floats, size_t(2 * nt * nbp + 2 * kTileR * nbp + nb * kTileR * kTileT));
-  float* ad = fl;
-  float* as = ad + nt * nbp;
+  const int64_t ntg = (nt + kTileT - 1) / kTileT;
+  // Float scratch: activation d per token group as [group][block][4 tokens]
+  // and s as [token][nbp]; weight d and m per row ([kTileR][nbp]); the weight
+  // d's of a row group spread as [block][r * kTileT + t]; d products likewise.
+  float* fl = scratch(tl_floats, size_t(ntg * nb * kTileT + nt * nbp + 2 * kTileR * nbp + 2 * nb * 8));
+  float* ad4 = fl;
+  float* as = ad4 + ntg * nb * kTileT;
   float* wd = as + nt * nbp;
   float* wm = wd + kTileR * nbp;
-  float* dd = wm + kTileR * nbp;
+  float* wdx = wm + kTileR * nbp;
+  float* dd = wdx + nb * 8;
   __m256i* wq = reinterpret_cast<__m256i*>(scratch(tl_vecs, size_t(kTileR * nb)));
-  for (int64_t t = 0; t < nt; ++t) {
-    const ABlock* ab = row_at<ABlock>(a, a_stride, t);
-    for (int64_t b = 0; b < nbp; ++b) {
-      ad[t * nbp + b] = b < nb ? h2f(ab[b].d) : 0.0f;
+  for (int64_t t = 0; t < ntg * kTileT; ++t) {
+    const ABlock* ab = t < nt ? row_at<ABlock>(a, a_stride, t) : nullptr;
+    for (int64_t b = 0; b < nb; ++b) ad4[((t / kTileT) * nb + b) * kTileT + t % kTileT] = ab ? h2f(ab[b].d) : 0.0f;
+    if (!ab) continue;
+    for (int64_t b = 0; b < nbp; ++b)
       if constexpr (P::kHasMin) as[t * nbp + b] = b < nb ? h2f(ab[b].s) : 0.0f;
-    }
   }
   for (int64_t r0 = 0; r0 < nr; r0 += kTileR) {
     const int rn = int(std::min<int64_t>(kTileR, nr - r0));
@@ -683,14 +697,18 @@ void gemm_tiled(int64_t k, const void* w, uint64_t w_stride, int64_t nr, const v
       pack_row<WBlock>(row_at<WBlock>(w, w_stride, r0 + r), nb, wq + r * nb, wd + r * nbp, wm + r * nbp);
       for (int64_t b = nb; b < nbp; ++b) wd[r * nbp + b] = wm[r * nbp + b] = 0.0f;
     }
-    for (int64_t t0 = 0; t0 < nt; t0 += kTileT) {
+    for (int64_t b = 0; b < nb; ++b)
+      for (int r = 0; r < kTileR; ++r)
+        for (int t = 0; t < kTileT; ++t) wdx[b * 8 + r * kTileT + t] = r < rn ? wd[r * nbp + b] : 0.0f;
+    for (int64_t tg = 0; tg < ntg; ++tg) {
+      const int64_t t0 = tg * kTileT;
       const int tn = int(std::min<int64_t>(kTileT, nt - t0));
       const ABlock* arow[kTileT];
       for (int t = 0; t < tn; ++t) arow[t] = row_at<ABlock>(a, a_stride, t0 + t);
-      // d products, laid out [block][r][t] for the microkernel of shape rn x tn.
+      const float* adg = ad4 + tg * nb * kTileT;
       for (int64_t b = 0; b < nb; ++b)
-        for (int r = 0; r < rn; ++r)
-          for (int t = 0; t < tn; ++t) dd[b * rn * tn + r * tn + t] = wd[r * nbp + b] * ad[(t0 + t) * nbp + b];
+        _mm256_storeu_ps(dd + b * 8, _mm256_mul_ps(_mm256_loadu_ps(wdx + b * 8), _mm256_broadcast_ps(
+                                                                                   reinterpret_cast<const __m128*>(adg + b * kTileT))));
       call_micro<P>(rn, tn, nb, nbp, wq, dd, arow, wm, as + t0 * nbp, y + t0 * ldy + r0, ldy);
     }
   }
