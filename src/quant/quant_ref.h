@@ -10,7 +10,9 @@
 //    fused multiply-add.
 //  - quantize_* for Q8_0, Q8_1, Q8_K, Q4_0, Q4_1, Q5_0, Q5_1 reproduce ggml's
 //    reference (round-to-nearest) quantizers byte for byte; F16/BF16 round to
-//    nearest even (NaN: see base/fp16.h).
+//    nearest even (NaN: see base/fp16.h). Checked byte for byte against the gguf
+//    Python package for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16/BF16; the package has no
+//    Q8_1/Q8_K, so those are checked against hand-derived blocks only.
 //  - No quantizer for Q4_K/Q5_K/Q6_K (not needed to run models).
 //
 // Dot products (vec_dot_*): integer dot of the quantized values per block,
