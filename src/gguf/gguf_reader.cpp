@@ -25,6 +25,9 @@ namespace {
 
 constexpr uint64_t kDefaultAlignment = 32;
 constexpr int kMaxArrayDepth = 8;  // arrays of arrays: bounded recursion
+// Counts only bound how much is parsed; memory grows with what actually parses,
+// so a large file with a bogus count cannot trigger a huge up-front allocation.
+constexpr uint64_t kMaxReserve = 1 << 16;
 
 // Fixed payload size of a scalar value type, 0 for STRING / ARRAY / unknown.
 uint64_t scalar_size(ValueType t) {
@@ -266,7 +269,7 @@ void File::Impl::parse() {
     error(fmt::format("tensor count {} runs past end of file (the remaining {} bytes hold at most {})", n_tensors, c.left(),
                       c.left() / 32));
 
-  metadata.reserve(size_t(n_kv));
+  metadata.reserve(size_t(std::min<uint64_t>(n_kv, kMaxReserve)));
   for (uint64_t i = 0; i < n_kv; ++i) {
     KeyValue kv;
     const uint64_t key_pos = c.pos;
@@ -304,7 +307,7 @@ void File::Impl::parse() {
     alignment = *a;
   }
 
-  tensors.reserve(size_t(n_tensors));
+  tensors.reserve(size_t(std::min<uint64_t>(n_tensors, kMaxReserve)));
   for (uint64_t i = 0; i < n_tensors; ++i) {
     TensorInfo ti{};
     const uint64_t info_pos = c.pos;
@@ -341,14 +344,11 @@ void File::Impl::parse() {
     tensors.push_back(std::move(ti));
   }
 
-  // Data section: the first aligned offset after the tensor infos.
+  // Data section: the first aligned offset after the tensor infos. No overflow:
+  // the padding is below the alignment (<= 2^63) and info_end is below 2^63.
   const uint64_t info_end = c.pos;
   const uint64_t rem = info_end % alignment;
-  if (rem != 0 && alignment - rem > size - info_end) {
-    data_start = size + 1;  // past the end; only an error if there are tensors
-  } else {
-    data_start = info_end + (rem ? alignment - rem : 0);
-  }
+  data_start = info_end + (rem ? alignment - rem : 0);
   if (!tensors.empty() && data_start > size)
     error(fmt::format("data section (aligned to {}) would start past end of file (tensor infos end at offset {}, "
                       "file is {} bytes)",
@@ -396,7 +396,7 @@ void File::Impl::read_array(Cursor& c, Value& v, const std::string& kname, int d
     error(fmt::format("{} array of {} has {} elements (count at offset {}), past end of file ({} bytes left)", kname,
                       value_type_name(elem), n, count_pos, c.left()));
   if (elem == ValueType::STRING) {
-    if (depth == 0) v.array_strings_.reserve(size_t(n));
+    if (depth == 0) v.array_strings_.reserve(size_t(std::min<uint64_t>(n, kMaxReserve)));
     for (uint64_t i = 0; i < n; ++i) {
       std::string_view s = c.str(fmt::format("{} element {}", kname, i));
       if (depth == 0) v.array_strings_.push_back(s);
