@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <map>
 #include <random>
 
 #include "common.h"
@@ -139,7 +140,14 @@ int bench(const BenchOptions& o) {
         }
       }
 
-  const std::string model_name = m.name.empty() ? m.architecture : m.name;
+  // llama-bench style label: architecture, size, the weight type holding most bytes.
+  std::map<std::string, uint64_t> bytes_by_type;
+  for (const auto& t : m.tensors) bytes_by_type[t.type] += t.bytes;
+  std::string main_type;
+  uint64_t most = 0;
+  for (const auto& [type, bytes] : bytes_by_type)
+    if (bytes > most) most = bytes, main_type = type;
+  const std::string model_name = fmt::format("{} {} {}", m.architecture, format_count(m.n_params), main_type);
   if (o.json) {
     nlohmann::json list = nlohmann::json::array();
     for (const auto& r : results) {
@@ -156,7 +164,8 @@ int bench(const BenchOptions& o) {
       list.push_back(std::move(j));
     }
     nlohmann::json out = {{"model", m.path.empty() ? resolved_model_path(o.model) : m.path},
-                          {"model_name", model_name},
+                          {"model_name", m.name},
+                          {"model_label", model_name},
                           {"n_params", m.n_params},
                           {"weight_bytes", m.weight_bytes},
                           {"threads", threads_used},
