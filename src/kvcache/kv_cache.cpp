@@ -56,18 +56,16 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   const int64_t row = int64_t(nkv) * hd;
   const KvFormat& kf = *config_.k_format;
   const KvFormat& vf = *config_.v_format;
-  std::vector<float> channel_major(hd);
-  float kbuf[1024];
-  KVQ_ASSERT(row <= 1024 || kf.keys_pre_rope);
+  rotated_.resize(size_t(row));
   for (int64_t i = 0; i < batch_n_; ++i) {
     const int64_t slot = n_tokens_ + i;
     const int64_t page = slot / kKvPageTokens, in_page = slot % kKvPageTokens;
     uint8_t* base = const_cast<uint8_t*>(layer.pages[page]);
     const float* krow = k + i * row;
     if (!kf.keys_pre_rope) {
-      std::memcpy(kbuf, krow, size_t(row) * sizeof(float));
-      rope_.apply(kbuf, nkv, positions_[slot]);
-      krow = kbuf;
+      std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
+      rope_.apply(rotated_.data(), nkv, positions_[slot]);
+      krow = rotated_.data();
     }
     for (int h = 0; h < nkv; ++h) {
       // Keys: channel-major within the page, one element per channel row.
