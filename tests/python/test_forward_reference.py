@@ -44,18 +44,28 @@ TINY_F16_CACHE_BOUND = 5e-3
 # the occasional fp16 rounding-boundary flip (one element moves 4.9e-4, measured
 # ~7e-5 in the logits); bound 1e-3.
 TINY_F16_EMULATED_BOUND = 1e-3
-# Default model (SmolLM2-135M Q4_1/Q8_0, 30 layers), f32 cache:
-#  * vs the reference with the same 8-bit activation rounding: float32
-#    accumulation over 576..1536 terms and 30 layers, plus rare rounding flips;
-#    measured ~REAL_EMULATED_MEASURED, bound 1e-3.
-#  * vs the plain float64 reference on dequantized weights (no activation
-#    rounding): per element up to 1/254 relative error in every matmul input,
-#    compounding over 30 layers; measured ~REAL_FLOAT_MEASURED, bound below.
-#    A wrong RoPE pairing (NeoX instead of (2i, 2i+1)) moves logits by O(1) and
-#    is asserted to be far outside both bounds.
-REAL_EMULATED_BOUND = 1e-3
-REAL_FLOAT_BOUND = 3e-2
-REAL_PPL_REL = 0.01
+# Default model (SmolLM2-135M-Instruct: Q4_1 layers, Q8_0 tied embedding, 30
+# layers), f32 cache, vs the float64 reference on the dequantized weights.
+# kvq rounds every Q4_1/Q8_0 matmul input to 8 bits; over 30 layers that moves
+# the logits by a few percent of max|logit| -- the reference itself, with the
+# same rounding emulated (act_q8), moves by ~5e-2 (measured 0.050), and kvq
+# lands at 0.040. Bit-faithful emulation is impossible here: the Q8_0 embedding
+# grid puts activations exactly on rounding ties (x/d = k + 0.5), which float32
+# vs float64 break either way, and 30 layers amplify each flip. (Checked by
+# experiment: with the same weights converted to F32, and with only the Q8_0
+# head quantized, kvq matches the reference to ~2e-7.) Bound 8e-2 = 2x measured;
+# the wrong RoPE pairing (NeoX) moves logits by ~0.7 (> 5x the bound).
+REAL_FLOAT_BOUND = 8e-2
+# The same weights stored as F16 (kvq dots F16 weights with exact F32
+# activations): only float32 accumulation (<= 1536 terms, 30 layers) remains,
+# so the float bound 1e-4 applies (measured 7.8e-7, ppl equal to 7 digits).
+REAL_F16_BOUND = 1e-4
+# Perplexity over ~55 tokens: the 8-bit activation rounding alone moves the
+# reference's perplexity by ~2.4% (measured 65.76 -> 67.32); kvq measures 66.59
+# (+1.3%), so 1% cannot hold for the quantized model. 3% for it; 1e-4 for the
+# F16 copy, where only float32 rounding remains.
+REAL_PPL_REL = 0.03
+REAL_F16_PPL_REL = 1e-4
 REAL_ARGMAX_AGREE = 0.95
 
 THREADS = os.environ.get("KVQ_FORWARD_THREADS", "2")
@@ -200,6 +210,31 @@ def first_paragraph(max_words: int = 45) -> str:
     pytest.fail(f"{path} has no paragraph")
 
 
+def write_f16_copy(src: str, dst: str) -> None:
+    """The model with every matrix dequantized and stored as F16 (norms stay F32)."""
+    import gguf
+    from gguf import GGUFValueType as VT
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, "llama")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if f.types[0] == VT.ARRAY:
+            w.add_key_value(name, f.contents(), VT.ARRAY, sub_type=f.types[1])
+        else:
+            w.add_key_value(name, f.contents(), f.types[0])
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(t.name, data)
+        else:
+            w.add_tensor(t.name, gguf.quants.dequantize(data, t.tensor_type).astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     model = default_model_path()
@@ -208,23 +243,42 @@ def real(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     toks, got = run_kvq(tmp, model, text=first_paragraph(), cache="f32")
     ref = llama_ref.LlamaRef(model)
-    return dict(tokens=toks, kvq=got, ref=ref.forward(toks), ref_q8=ref.forward(toks, act_q8=True),
-                ref_neox=ref.forward(toks, neox=True))
+    out = dict(tokens=toks, kvq=got, ref=ref.forward(toks), ref_q8=ref.forward(toks, act_q8=True),
+               ref_neox=ref.forward(toks, neox=True))
+    del ref
+    f16 = tmp / "f16.gguf"
+    write_f16_copy(model, str(f16))
+    out["kvq_f16"] = run_kvq(tmp, str(f16), tokens=toks, cache="f32", tag="f16")[1]
+    out["ref_f16"] = llama_ref.LlamaRef(str(f16)).forward(toks)
+    f16.unlink()
+    return out
 
 
 def test_real_model_logits(real):
-    toks, got, want, want_q8 = real["tokens"], real["kvq"], real["ref"], real["ref_q8"]
+    toks, got, want = real["tokens"], real["kvq"], real["ref"]
     assert 40 <= len(toks) <= 80, len(toks)
     err = rel_diff(got, want)
-    err_q8 = rel_diff(got, want_q8)
+    act_effect = rel_diff(real["ref_q8"], want)
     wrong = rel_diff(real["ref_neox"], want)
     print(f"real model: {len(toks)} tokens; max rel diff vs float64 reference {err:.3g} "
-          f"(bound {REAL_FLOAT_BOUND:g}), vs reference with 8-bit activations {err_q8:.3g} "
-          f"(bound {REAL_EMULATED_BOUND:g}); wrong (NeoX) pairing vs correct reference: {wrong:.3g}")
-    assert err_q8 <= REAL_EMULATED_BOUND
+          f"(bound {REAL_FLOAT_BOUND:g}); 8-bit activations alone move the reference by {act_effect:.3g}; "
+          f"kvq vs reference with 8-bit activations {rel_diff(got, real['ref_q8']):.3g}; "
+          f"wrong (NeoX) pairing vs correct reference: {wrong:.3g}")
     assert err <= REAL_FLOAT_BOUND
-    # The bounds still catch a real bug: the reference with the wrong pairing is far outside them.
-    assert wrong > 10 * REAL_FLOAT_BOUND
+    # The bound still catches a real bug: the reference with the wrong pairing is far outside it.
+    assert wrong > 5 * REAL_FLOAT_BOUND
+
+
+def test_real_model_f16_copy_logits(real):
+    """Same weights without activation rounding: kvq must match to float32 precision."""
+    err = rel_diff(real["kvq_f16"], real["ref_f16"])
+    ppl_kvq = llama_ref.perplexity(real["kvq_f16"], real["tokens"])
+    ppl_ref = llama_ref.perplexity(real["ref_f16"], real["tokens"])
+    print(f"real model as F16: max rel diff {err:.3g} (bound {REAL_F16_BOUND:g}); ppl kvq {ppl_kvq:.5f} "
+          f"numpy {ppl_ref:.5f}")
+    assert err <= REAL_F16_BOUND
+    assert abs(ppl_kvq / ppl_ref - 1) <= REAL_F16_PPL_REL
+    assert np.mean(real["kvq_f16"].argmax(axis=1) == real["ref_f16"].argmax(axis=1)) == 1.0
 
 
 def test_real_model_perplexity(real):
@@ -236,7 +290,7 @@ def test_real_model_perplexity(real):
     print(f"real model ppl: kvq {ppl_kvq:.4f} numpy {ppl_ref:.4f} numpy+8-bit activations {ppl_q8:.4f} "
           f"(wrong pairing {ppl_wrong:.4f})")
     assert abs(ppl_kvq / ppl_ref - 1) <= REAL_PPL_REL
-    assert abs(ppl_kvq / ppl_q8 - 1) <= 1e-3
+    assert abs(ppl_wrong / ppl_ref - 1) > 10 * REAL_PPL_REL
 
 
 def test_real_model_argmax(real):
