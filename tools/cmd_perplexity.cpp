@@ -74,6 +74,9 @@ int perplexity(const PerplexityOptions& o) {
   sp.cache_type_v = o.type_v;
   Session session(model, sp);
 
+  if (info.n_ctx_train > 0 && ctx > info.n_ctx_train && !o.json)
+    fmt::print(stderr, "kvq: warning: window {} is longer than the model's training context {}\n", ctx,
+               info.n_ctx_train);
   const bool progress = stderr_is_tty() && !o.json;
   if (!o.json)
     fmt::print(stderr, "kvq: {} tokens; {} windows of {} ({} protocol, {} scored per window), KV {} / {}, {} threads\n",

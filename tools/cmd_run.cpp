@@ -1,7 +1,9 @@
 // kvq run: generate text from a prompt, streamed to stdout as it is sampled.
 #include <fmt/format.h>
 
+#include <iostream>
 #include <optional>
+#include <sstream>
 #include <random>
 
 #include "common.h"
@@ -33,7 +35,11 @@ constexpr int64_t kDefaultRunCtx = 4096;
 
 std::string prompt_text(const RunOptions& o, const Model& model) {
   std::string text;
-  if (!o.prompt_file.empty()) {
+  if (o.prompt_file == "-") {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();
+    text = std::move(ss).str();
+  } else if (!o.prompt_file.empty()) {
     text = read_file(o.prompt_file, "prompt file");
   } else {
     text = o.prompt;
@@ -183,7 +189,7 @@ Command register_run(CLI::App& app) {
       "  kvq run -f prompt.txt -n 256 -c 8192 -ctk f32 --json");
   add_model_flag(*sub, o->model);
   auto* p = sub->add_option("-p,--prompt", o->prompt, "prompt text")->type_name("TEXT");
-  auto* f = sub->add_option("-f,--file", o->prompt_file, "read the prompt from FILE")->type_name("FILE");
+  auto* f = sub->add_option("-f,--file", o->prompt_file, "read the prompt from FILE (- for standard input)")->type_name("FILE");
   p->excludes(f);
   f->excludes(p);
   sub->add_option("-n,--n-predict", o->n_predict, "maximum number of tokens to generate (stops earlier at end of generation)")
