@@ -1,9 +1,13 @@
+// Tokenizer implementation. Byte-level BPE: pre-tokenize (pretokenize.cpp), map
+// bytes to GPT-2's printable code points, then merge adjacent symbols by merge
+// rank within each piece. SentencePiece (BPE flavour): spaces become U+2581 and
+// adjacent symbols merge by the highest score of the merged vocabulary entry;
+// symbols left outside the vocabulary fall back to <0xXX> byte tokens.
 #include "tokenizer/tokenizer.h"
 
 #include <algorithm>
 #include <array>
 #include <climits>
-#include <queue>
 
 #include "base/error.h"
 #include "gguf/gguf.h"
