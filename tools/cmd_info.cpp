@@ -54,7 +54,7 @@ int info(const InfoOptions& o) {
   auto model = load_model(o.model);
   const ModelInfo& m = model->info();
   const int64_t ctx = o.n_ctx > 0 ? o.n_ctx : (m.n_ctx_train > 0 ? m.n_ctx_train : 4096);
-  const auto formats = kv_formats();
+  const auto formats = kv_formats(m.n_head_kv, m.head_dim);
 
   std::map<std::string, TypeSummary> by_type;
   for (const auto& t : m.tensors) {

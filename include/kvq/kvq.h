@@ -82,12 +82,16 @@ class Model {
 // ---- KV cache formats ----------------------------------------------------------
 
 struct KvFormatInfo {
-  std::string name;         // what the user types: "f16", "f32", ...
-  double bits_per_element;  // storage cost including per-block metadata
-  bool pre_rope;            // keys stored before RoPE (RoPE applied after reading)
+  std::string name;           // what the user types: "f16", "f32", ...
+  double bits_per_element;    // storage cost, K and V averaged, everything included
+  double bits_per_element_k;  // as keys
+  double bits_per_element_v;  // as values
+  bool pre_rope;              // keys stored before RoPE (RoPE applied after reading)
   std::string description;
 };
-std::vector<KvFormatInfo> kv_formats();  // every format kvq supports
+// Every format kvq supports, with its cost for a layer of n_kv_heads x head_dim
+// (per-token side data makes the cost depend on the row width).
+std::vector<KvFormatInfo> kv_formats(int n_kv_heads = 8, int head_dim = 128);
 
 // ---- Session -------------------------------------------------------------------
 

@@ -12,12 +12,25 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   if (config.n_layers <= 0 || config.n_kv_heads <= 0 || config.head_dim <= 0 || config.n_ctx <= 0)
     fail("KV cache: invalid shape (layers {}, kv heads {}, head dim {}, context {})", config.n_layers,
          config.n_kv_heads, config.head_dim, config.n_ctx);
+  if (config.rope.head_dim != config.head_dim)
+    fail("KV cache: RoPE head size {} differs from the cache's {}", config.rope.head_dim, config.head_dim);
   rope_ = Rope(config.rope);
-  k_head_bytes_ = kv_page_head_bytes(*config.k_format, config.head_dim);
-  v_head_bytes_ = kv_page_head_bytes(*config.v_format, config.head_dim);
-  v_offset_ = k_head_bytes_ * config.n_kv_heads;
-  page_bytes_ = v_offset_ + v_head_bytes_ * config.n_kv_heads;
+  const KvGeometry geometry{config.n_kv_heads, config.head_dim};
+  auto calibration = [&](const KvFormat& f, const std::vector<KvTensorCalibration>& c, int layer, const char* what)
+      -> const KvTensorCalibration* {
+    if (!f.needs_calibration) return nullptr;
+    if (int(c.size()) != config.n_layers)
+      fail("KV cache type '{}' needs calibration for the {} of all {} layers (have {})", f.name, what,
+           config.n_layers, c.size());
+    return &c[size_t(layer)];
+  };
   layers_.resize(config.n_layers);
+  for (int l = 0; l < config.n_layers; ++l) {
+    layers_[l].k_codec = config.k_format->make_codec(KvRole::key, geometry, calibration(*config.k_format, config.k_calibration, l, "keys"));
+    layers_[l].v_codec = config.v_format->make_codec(KvRole::value, geometry, calibration(*config.v_format, config.v_calibration, l, "values"));
+  }
+  k_page_bytes_ = layers_[0].k_codec->page_bytes();
+  v_page_bytes_ = layers_[0].v_codec->page_bytes();
   positions_.reserve(size_t(std::min<int64_t>(config.n_ctx, 1 << 16)));
 }
 
@@ -26,7 +39,7 @@ void KvCache::ensure_pages(int64_t n_tokens) {
   for (auto& layer : layers_) {
     while (int64_t(layer.pages.size()) < need) {
       // Zeroed so padding slots of a partial page never hold NaN garbage.
-      layer.owned.emplace_back(new uint8_t[page_bytes_]());
+      layer.owned.emplace_back(new uint8_t[k_page_bytes_ + v_page_bytes_]());
       layer.pages.push_back(layer.owned.back().get());
     }
   }
@@ -52,30 +65,21 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   KVQ_ASSERT(layer_index >= 0 && layer_index < config_.n_layers);
   Layer& layer = layers_[layer_index];
   KVQ_ASSERT(layer.stored == n_tokens_);
-  const int hd = config_.head_dim, nkv = config_.n_kv_heads;
-  const int64_t row = int64_t(nkv) * hd;
-  const KvFormat& kf = *config_.k_format;
-  const KvFormat& vf = *config_.v_format;
+  const int64_t row = int64_t(config_.n_kv_heads) * config_.head_dim;
+  const bool rotate = !config_.k_format->keys_pre_rope;
   rotated_.resize(size_t(row));
   for (int64_t i = 0; i < batch_n_; ++i) {
     const int64_t slot = n_tokens_ + i;
-    const int64_t page = slot / kKvPageTokens, in_page = slot % kKvPageTokens;
-    uint8_t* base = const_cast<uint8_t*>(layer.pages[page]);
+    uint8_t* page = const_cast<uint8_t*>(layer.pages[slot / kKvPageTokens]);
+    const int in_page = int(slot % kKvPageTokens);
     const float* krow = k + i * row;
-    if (!kf.keys_pre_rope) {
+    if (rotate) {  // post-RoPE format: rotate on the way in
       std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
-      rope_.apply(rotated_.data(), nkv, positions_[slot]);
+      rope_.apply(rotated_.data(), config_.n_kv_heads, positions_[slot]);
       krow = rotated_.data();
     }
-    for (int h = 0; h < nkv; ++h) {
-      // Keys: channel-major within the page, one element per channel row.
-      uint8_t* kb = base + k_head_bytes_ * h;
-      for (int d = 0; d < hd; ++d)
-        kf.encode(krow + h * hd + d, kb + (int64_t(d) * kKvPageTokens + in_page) * kf.element_bytes, 1);
-      // Values: token-major.
-      uint8_t* vb = base + v_offset_ + v_head_bytes_ * h;
-      vf.encode(v + i * row + h * hd, vb + in_page * int64_t(hd) * vf.element_bytes, hd);
-    }
+    layer.k_codec->encode(krow, in_page, page);
+    layer.v_codec->encode(v + i * row, in_page, page + k_page_bytes_);
   }
   layer.stored = n_tokens_ + batch_n_;
 }
@@ -94,9 +98,10 @@ void KvCache::abort_batch() {
 
 KvLayerView KvCache::view(int layer_index) const {
   const Layer& layer = layers_[layer_index];
-  return KvLayerView{config_.k_format, config_.v_format, config_.n_kv_heads, config_.head_dim,
-                     layer.stored,     layer.pages.data(), k_head_bytes_,   v_head_bytes_,
-                     v_offset_,        positions_.data(),  &rope_};
+  return KvLayerView{layer.k_codec.get(),      layer.v_codec.get(), config_.k_format->keys_pre_rope,
+                     config_.n_kv_heads,       config_.head_dim,    layer.stored,
+                     layer.pages.data(),       k_page_bytes_,       positions_.data(),
+                     &rope_};
 }
 
 void KvCache::clear() {
@@ -109,13 +114,44 @@ void KvCache::clear() {
 uint64_t KvCache::bytes_k() const {
   uint64_t pages = 0;
   for (const auto& l : layers_) pages += l.pages.size();
-  return pages * k_head_bytes_ * config_.n_kv_heads;
+  return pages * k_page_bytes_;
 }
 
 uint64_t KvCache::bytes_v() const {
   uint64_t pages = 0;
   for (const auto& l : layers_) pages += l.pages.size();
-  return pages * v_head_bytes_ * config_.n_kv_heads;
+  return pages * v_page_bytes_;
+}
+
+}  // namespace kvq
+
+namespace kvq {
+
+int KvLayerView::page_tokens(int64_t p) const {
+  return int(std::min<int64_t>(kKvPageTokens, n_tokens - p * kKvPageTokens));
+}
+
+void KvLayerView::decode_keys(int64_t p, int head, float* kt) const {
+  const int n = page_tokens(p);
+  k_codec->decode(pages[p], head, n, kt);
+  if (!keys_pre_rope) return;
+  // Rotate each decoded key at its own position (the tile is channel-major).
+  const RopeSpec& spec = rope->spec();
+  const int half = spec.n_rot / 2;
+  float c[512], s[512];
+  for (int j = 0; j < n; ++j) {
+    rope->angles(positions[p * kKvPageTokens + j], c, s);
+    for (int i = 0; i < half; ++i) {
+      const int a = spec.neox ? i : 2 * i, b = spec.neox ? i + half : 2 * i + 1;
+      const float x = kt[a * kKvPageTokens + j], y = kt[b * kKvPageTokens + j];
+      kt[a * kKvPageTokens + j] = x * c[i] - y * s[i];
+      kt[b * kKvPageTokens + j] = x * s[i] + y * c[i];
+    }
+  }
+}
+
+void KvLayerView::decode_values(int64_t p, int head, float* v) const {
+  v_codec->decode(pages[p] + v_offset, head, page_tokens(p), v);
 }
 
 }  // namespace kvq

@@ -23,24 +23,27 @@ struct KvCacheConfig {
   const KvFormat* k_format = nullptr;
   const KvFormat* v_format = nullptr;
   RopeSpec rope;                   // how the model rotates keys
+  // Per-layer calibration for formats that need it (empty otherwise).
+  std::vector<KvTensorCalibration> k_calibration, v_calibration;
 };
 
 // A plain description of one layer's cache for the attention kernels.
 struct KvLayerView {
-  const KvFormat* k_format;
-  const KvFormat* v_format;
+  const KvCodec* k_codec;
+  const KvCodec* v_codec;
+  bool keys_pre_rope;               // rotate keys at their positions after decoding
   int n_kv_heads;
   int head_dim;
   int64_t n_tokens;                 // readable slots (committed + current batch)
-  const uint8_t* const* pages;      // pages[p]: keys of every head, then values
-  uint64_t k_head_bytes;            // bytes of one head's key block in a page
-  uint64_t v_head_bytes;
+  const uint8_t* const* pages;      // pages[p]: the key part, then the value part
   uint64_t v_offset;                // where values start within a page
   const int32_t* positions;         // position of each slot (increasing)
-  const Rope* rope;                 // rotates pre-RoPE keys after reading
+  const Rope* rope;
 
-  const uint8_t* k_block(int64_t page, int head) const { return pages[page] + k_head_bytes * head; }
-  const uint8_t* v_block(int64_t page, int head) const { return pages[page] + v_offset + v_head_bytes * head; }
+  // Decoded tiles of page p for one head (see KvCodec::decode for the layouts).
+  int page_tokens(int64_t p) const;
+  void decode_keys(int64_t p, int head, float* kt) const;
+  void decode_values(int64_t p, int head, float* v) const;
 };
 
 class KvCache {
@@ -74,8 +77,9 @@ class KvCache {
 
   KvCacheConfig config_;
   Rope rope_;
-  uint64_t k_head_bytes_, v_head_bytes_, v_offset_, page_bytes_;
+  uint64_t k_page_bytes_ = 0, v_page_bytes_ = 0;
   struct Layer {
+    std::unique_ptr<KvCodec> k_codec, v_codec;
     std::vector<std::unique_ptr<uint8_t[]>> owned;
     std::vector<const uint8_t*> pages;
     int64_t stored = 0;  // tokens written in this layer

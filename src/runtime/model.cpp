@@ -139,10 +139,14 @@ std::string Model::apply_chat_template(std::span<const ChatMessage> messages, bo
   fail("{}: the model has no chat template kvq understands (supported: ChatML, Llama 3, Llama 2)", impl_->info.path);
 }
 
-std::vector<KvFormatInfo> kv_formats() {
+std::vector<KvFormatInfo> kv_formats(int n_kv_heads, int head_dim) {
+  if (n_kv_heads <= 0 || head_dim <= 0) fail("kv_formats: invalid geometry {} x {}", n_kv_heads, head_dim);
+  const KvGeometry g{n_kv_heads, head_dim};
   std::vector<KvFormatInfo> out;
-  for (const auto& f : kv_format_table())
-    out.push_back({std::string(f.name), f.bits_per_element, f.keys_pre_rope, std::string(f.description)});
+  for (const auto& f : kv_format_table()) {
+    const double bk = kv_bits_per_element(f, KvRole::key, g), bv = kv_bits_per_element(f, KvRole::value, g);
+    out.push_back({std::string(f.name), (bk + bv) / 2, bk, bv, f.keys_pre_rope, std::string(f.description)});
+  }
   return out;
 }
 

@@ -143,10 +143,10 @@ struct AttnSetup {
   // Decoded (post-RoPE) keys / values of one KV head, [n_tokens][hd].
   std::vector<float> read(int h, bool keys) const {
     const KvLayerView kv = cache->view(0);
-    const KvFormat& f = keys ? *kv.k_format : *kv.v_format;
     std::vector<float> page(size_t(c.hd) * kKvPageTokens), res(size_t(kv.n_tokens) * c.hd);
     for (int64_t p = 0; p * kKvPageTokens < kv.n_tokens; ++p) {
-      f.decode(keys ? kv.k_block(p, h) : kv.v_block(p, h), page.data(), int64_t(page.size()));
+      if (keys) kv.decode_keys(p, h, page.data());
+      else kv.decode_values(p, h, page.data());
       for (int64_t j = 0; j < kKvPageTokens && p * kKvPageTokens + j < kv.n_tokens; ++j)
         for (int d = 0; d < c.hd; ++d)
           res[size_t((p * kKvPageTokens + j) * c.hd + d)] =

@@ -72,22 +72,22 @@ void append_random(KvCache& cache, const std::vector<int32_t>& pos, uint32_t see
 // Element (token i, channel d) of head h as stored in a layer view.
 float read_k(const KvLayerView& kv, int64_t i, int h, int d) {
   const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
-  const KvFormat& f = *kv.k_format;
-  float x;
-  f.decode(kv.k_block(page, h) + (d * kKvPageTokens + j) * f.element_bytes, &x, 1);
-  return x;
+  std::vector<float> tile(size_t(kv.head_dim) * kKvPageTokens);
+  kv.decode_keys(page, h, tile.data());
+  return tile[size_t(d * kKvPageTokens + j)];
 }
 float read_v(const KvLayerView& kv, int64_t i, int h, int d) {
   const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
-  const KvFormat& f = *kv.v_format;
-  float x;
-  f.decode(kv.v_block(page, h) + (j * kv.head_dim + d) * f.element_bytes, &x, 1);
-  return x;
+  std::vector<float> tile(size_t(kv.head_dim) * kKvPageTokens);
+  kv.decode_values(page, h, tile.data());
+  return tile[size_t(j * kv.head_dim + d)];
 }
 
+uint64_t element_bytes(const char* fmt) { return std::string(fmt) == "f32" ? 4 : 2; }
+
 uint64_t expected_bytes(const char* fmt, int64_t pages_per_layer, int n_layers, int n_kv, int hd) {
-  return uint64_t(pages_per_layer) * kKvPageTokens * uint64_t(n_kv) * uint64_t(hd) *
-         uint64_t(kv_format(fmt).element_bytes) * uint64_t(n_layers);
+  return uint64_t(pages_per_layer) * kKvPageTokens * uint64_t(n_kv) * uint64_t(hd) * element_bytes(fmt) *
+         uint64_t(n_layers);
 }
 
 TEST(KvCache, BytesGrowInWholePages) {
@@ -302,20 +302,23 @@ TEST(KvCache, ViewLayoutOffsets) {
   KvCache cache(make_config("f32", 1, n_kv, hd, 200));
   append_random(cache, iota_pos(0, 70), 1);
   const KvLayerView kv = cache.view(0);
-  EXPECT_EQ(kv.k_head_bytes, uint64_t(hd) * kKvPageTokens * 4);
-  EXPECT_EQ(kv.v_head_bytes, uint64_t(hd) * kKvPageTokens * 4);
-  EXPECT_EQ(kv.v_offset, kv.k_head_bytes * n_kv);
-  EXPECT_EQ(kv.k_block(1, 2), kv.pages[1] + 2 * kv.k_head_bytes);
-  EXPECT_EQ(kv.v_block(1, 2), kv.pages[1] + kv.v_offset + 2 * kv.v_head_bytes);
+  // The plain f32 layout (docs/formats.md): per head a block of hd x 64 floats,
+  // keys channel-major, then the values' blocks token-major.
+  const uint64_t head_bytes = uint64_t(hd) * kKvPageTokens * 4;
+  EXPECT_EQ(kv.v_offset, head_bytes * n_kv);
+  EXPECT_EQ(kv.k_codec->page_bytes(), head_bytes * n_kv);
+  EXPECT_EQ(kv.v_codec->page_bytes(), head_bytes * n_kv);
   EXPECT_NE(kv.pages[0], kv.pages[1]);
+  auto k_block = [&](int64_t p, int h) { return kv.pages[p] + h * head_bytes; };
+  auto v_block = [&](int64_t p, int h) { return kv.pages[p] + kv.v_offset + h * head_bytes; };
   // Padding slots of the partial last page are zero (no garbage for SIMD tiles).
   for (int h = 0; h < n_kv; ++h)
     for (int64_t j = 70 - kKvPageTokens; j < kKvPageTokens; ++j)
       for (int d = 0; d < hd; ++d) {
         float x;
-        std::memcpy(&x, kv.k_block(1, h) + (d * kKvPageTokens + j) * 4, 4);
+        std::memcpy(&x, k_block(1, h) + (d * kKvPageTokens + j) * 4, 4);
         ASSERT_EQ(x, 0.0f);
-        std::memcpy(&x, kv.v_block(1, h) + (j * hd + d) * 4, 4);
+        std::memcpy(&x, v_block(1, h) + (j * hd + d) * 4, 4);
         ASSERT_EQ(x, 0.0f);
       }
 }

@@ -55,48 +55,6 @@ void tile_step_scalar(const TileStep& t) {
 
 namespace {
 
-// Decodes one head's key block of a page into kt[hd][kTile] (rotating pre-RoPE keys).
-void decode_keys(const KvLayerView& kv, int64_t page, int head, int n, float* kt, bool simd) {
-  const KvFormat& f = *kv.k_format;
-  const uint8_t* src = kv.k_block(page, head);
-  const int64_t count = int64_t(kv.head_dim) * kTile;
-#if defined(__x86_64__)
-  if (simd && f.id == KvFormatId::f16) {
-    attn::decode_f16_avx2(reinterpret_cast<const uint16_t*>(src), kt, count);
-  } else
-#endif
-  {
-    f.decode(src, kt, count);
-  }
-  if (f.keys_pre_rope) {
-    const RopeSpec& spec = kv.rope->spec();
-    const int half = spec.n_rot / 2;
-    std::vector<float> c(half), s(half);
-    for (int j = 0; j < n; ++j) {
-      kv.rope->angles(kv.positions[page * kTile + j], c.data(), s.data());
-      for (int i = 0; i < half; ++i) {
-        const int a = spec.neox ? i : 2 * i, b = spec.neox ? i + half : 2 * i + 1;
-        const float x = kt[a * kTile + j], y = kt[b * kTile + j];
-        kt[a * kTile + j] = x * c[i] - y * s[i];
-        kt[b * kTile + j] = x * s[i] + y * c[i];
-      }
-    }
-  }
-}
-
-void decode_values(const KvLayerView& kv, int64_t page, int head, float* v, bool simd) {
-  const KvFormat& f = *kv.v_format;
-  const uint8_t* src = kv.v_block(page, head);
-  const int64_t count = int64_t(kv.head_dim) * kTile;
-#if defined(__x86_64__)
-  if (simd && f.id == KvFormatId::f16) {
-    attn::decode_f16_avx2(reinterpret_cast<const uint16_t*>(src), v, count);
-    return;
-  }
-#endif
-  f.decode(src, v, count);
-}
-
 struct Scratch {
   std::vector<float> q, kt, v, s, acc, m, l;
   std::vector<int32_t> row_pos;
@@ -163,8 +121,8 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
       for (int64_t p = p0; p < p1; ++p) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
-        decode_keys(kv, p, kvh, n, sc.kt.data(), simd);
-        decode_values(kv, p, kvh, sc.v.data(), simd);
+        kv.decode_keys(p, kvh, sc.kt.data());
+        kv.decode_values(p, kvh, sc.v.data());
         tile_step({sc.q.data(), rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + p * kTile,
                    sc.row_pos.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data()});
       }
@@ -223,17 +181,21 @@ void attention_ref(const AttentionArgs& a) {
   const KvLayerView& kv = a.kv;
   const int hd = kv.head_dim;
   const int group = a.n_heads / kv.n_kv_heads;
-  std::vector<float> k(size_t(kv.n_tokens) * hd), v(size_t(kv.n_tokens) * hd), page(size_t(hd) * kTile);
+  std::vector<float> k(size_t(kv.n_tokens) * hd), v(size_t(kv.n_tokens) * hd), tile(size_t(hd) * kTile);
   std::vector<double> score(size_t(kv.n_tokens));
   for (int h = 0; h < kv.n_kv_heads; ++h) {
-    // Decode every key and value of this head with the reference codecs.
-    for (int64_t i = 0; i < kv.n_tokens; ++i) {
-      const int64_t p = i / kTile, j = i % kTile;
-      kv.k_format->decode(kv.k_block(p, h), page.data(), int64_t(hd) * kTile);
-      for (int d = 0; d < hd; ++d) k[i * hd + d] = page[size_t(d) * kTile + j];
-      if (kv.k_format->keys_pre_rope) kv.rope->apply(&k[i * hd], 1, kv.positions[i]);
-      kv.v_format->decode(kv.v_block(p, h), page.data(), int64_t(hd) * kTile);
-      std::copy_n(page.data() + j * hd, hd, &v[i * hd]);
+    // Every key and value of this head as the cache decodes them; pre-RoPE
+    // keys rotated here with Rope::apply, independently of the tile path.
+    for (int64_t p = 0; p * kTile < kv.n_tokens; ++p) {
+      const int n = kv.page_tokens(p);
+      kv.k_codec->decode(kv.pages[p], h, n, tile.data());
+      for (int j = 0; j < n; ++j) {
+        float* key = &k[(p * kTile + j) * hd];
+        for (int d = 0; d < hd; ++d) key[d] = tile[size_t(d) * kTile + j];
+        if (kv.keys_pre_rope) kv.rope->apply(key, 1, kv.positions[p * kTile + j]);
+      }
+      kv.v_codec->decode(kv.pages[p] + kv.v_offset, h, n, tile.data());
+      std::copy_n(tile.data(), size_t(n) * hd, &v[p * kTile * hd]);
     }
     for (int64_t t = 0; t < a.n_q; ++t) {
       for (int g = 0; g < group; ++g) {

@@ -145,11 +145,4 @@ void tile_step_avx2(const TileStep& t) {
   else if (t.rows - r == 1) rows_block<1>(t, r);
 }
 
-void decode_f16_avx2(const uint16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
-}
-
 }  // namespace kvq::attn

@@ -25,7 +25,5 @@ struct TileStep {
 void tile_step_scalar(const TileStep& t);
 // AVX2+FMA version (hd % 8 == 0); defined only on x86-64.
 void tile_step_avx2(const TileStep& t);
-// f16 -> f32 with F16C.
-void decode_f16_avx2(const uint16_t* src, float* dst, int64_t n);
 
 }  // namespace kvq::attn
