@@ -69,7 +69,7 @@ for preset in release asan; do
   log="$logdir/ctest-$preset.log"
   [ -f "$log" ] || continue
   echo "[$preset]"
-  grep -E "tests passed|tests failed|Total Test time|\(Failed\)|\(Timeout\)|\*\*\*" "$log" | sed 's/^/  /' || true
+  grep -E "tests passed|tests failed|Total Test time|\*\*\*(Failed|Timeout|Exception)|Not Run|\((Failed|Timeout)\)" "$log" | sed 's/^/  /' || true
 done
 echo
 echo "==> stages"
