@@ -198,9 +198,8 @@ void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_
     const LlamaLayer& L = w_.layers[size_t(li)];
     // Attention block.
     rmsnorm(x, L.attn_norm.data(), s.xn.data(), n, d, hp.rms_eps);
-    matmul(L.wq, s.xn.data(), s.q.data(), n, pool);
-    matmul(L.wk, s.xn.data(), s.k.data(), n, pool);
-    matmul(L.wv, s.xn.data(), s.v.data(), n, pool);
+    const MatmulOutput qkv[3] = {{&L.wq, s.q.data()}, {&L.wk, s.k.data()}, {&L.wv, s.v.data()}};
+    matmul_shared_input(qkv, 3, s.xn.data(), n, pool);
     for (int64_t i = 0; i < n; ++i)
       for (int h = 0; h < hp.n_head; ++h)
         rope_.rotate(s.q.data() + (i * hp.n_head + h) * hp.head_dim, &cos_t[size_t(i) * half], &sin_t[size_t(i) * half]);
@@ -211,8 +210,8 @@ void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_
     add_inplace(x, s.xn.data(), n * d);
     // Feed-forward block (SwiGLU).
     rmsnorm(x, L.ffn_norm.data(), s.xn.data(), n, d, hp.rms_eps);
-    matmul(L.w_gate, s.xn.data(), s.ff_gate.data(), n, pool);
-    matmul(L.w_up, s.xn.data(), s.ff_up.data(), n, pool);
+    const MatmulOutput gate_up[2] = {{&L.w_gate, s.ff_gate.data()}, {&L.w_up, s.ff_up.data()}};
+    matmul_shared_input(gate_up, 2, s.xn.data(), n, pool);
     silu_mul(s.ff_gate.data(), s.ff_up.data(), n * hp.n_ff);
     matmul(L.w_down, s.ff_gate.data(), s.xn.data(), n, pool);
     add_inplace(x, s.xn.data(), n * d);

@@ -136,4 +136,42 @@ void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, Thr
   });
 }
 
+void matmul_shared_input(const MatmulOutput* outs, int n_outs, const float* x, int64_t n_tokens, ThreadPool& pool) {
+  if (n_outs <= 0 || n_tokens <= 0) return;
+  const WeightView& w0 = *outs[0].w;
+  bool shared = n_tokens <= kRowSplitMaxTokens && use_avx2();
+  for (int i = 0; i < n_outs && shared; ++i) {
+    const WeightView& w = *outs[i].w;
+    shared = w.cols == w0.cols && traits_or_fail(w.type).vec_dot_type == traits_or_fail(w0.type).vec_dot_type &&
+             simd::avx2_gemm(w.type, traits_or_fail(w.type).vec_dot_type) != nullptr;
+  }
+  if (!shared) {
+    for (int i = 0; i < n_outs; ++i) matmul(*outs[i].w, x, outs[i].y, n_tokens, pool);
+    return;
+  }
+  // Decode: quantize the few input rows once (inline: too little work to fork),
+  // then one parallel region over the concatenated rows of every weight.
+  const GgmlType at = traits_or_fail(w0.type).vec_dot_type;
+  const uint64_t a_row = (*ggml_row_bytes(at, w0.cols) + 63) / 64 * 64;
+  uint8_t* act = tl_act.get(size_t(a_row) * size_t(n_tokens) + 64);
+  act += (64 - reinterpret_cast<uintptr_t>(act) % 64) % 64;
+  const FromFloatFn quant = pick_from_float(at);
+  for (int64_t i = 0; i < n_tokens; ++i) quant(x + i * w0.cols, act + uint64_t(i) * a_row, w0.cols);
+  int64_t total = 0;
+  for (int i = 0; i < n_outs; ++i) total += outs[i].w->rows;
+  pool.parallel_for(total, [&](int64_t g0, int64_t g1) {
+    int64_t base = 0;
+    for (int i = 0; i < n_outs && g0 < g1; ++i) {
+      const WeightView& w = *outs[i].w;
+      const int64_t r0 = std::max<int64_t>(g0 - base, 0), r1 = std::min<int64_t>(g1 - base, w.rows);
+      if (r0 < r1) {
+        const simd::GemmFn gemm = simd::avx2_gemm(w.type, at);
+        gemm(w.cols, static_cast<const uint8_t*>(w.data) + uint64_t(r0) * w.row_bytes, w.row_bytes, r1 - r0, act,
+             a_row, n_tokens, outs[i].y + r0, w.rows);
+      }
+      base += w.rows;
+    }
+  }, kRowGrain);
+}
+
 }  // namespace kvq

@@ -47,6 +47,17 @@ struct WeightView {
 // Uses every thread of the pool.
 void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool);
 
+// Several products of the same input, e.g. the Q, K and V projections:
+// y_i = W_i x. Equal to calling matmul for each, but when the weights share
+// their activation type and width the input is quantized once and, for a few
+// tokens (decode), all rows are split over the pool in one parallel region.
+struct MatmulOutput {
+  const WeightView* w;
+  float* y;
+};
+void matmul_shared_input(const MatmulOutput* outputs, int n_outputs, const float* x, int64_t n_tokens,
+                         ThreadPool& pool);
+
 // The scalar-reference version of matmul (single thread), for tests.
 void matmul_ref(const WeightView& w, const float* x, float* y, int64_t n_tokens);
 

@@ -356,3 +356,44 @@ TEST(MatmulKernels, MatmulLargeAndPaddedRows) {
 
 }  // namespace
 }  // namespace kvq
+
+namespace kvq {
+namespace {
+
+// Several weights on one input (Q/K/V, gate/up) must give exactly what separate
+// matmul calls give: the same kernels run on the same rows, only the
+// parallel split differs, and each row's sum does not depend on it.
+TEST(MatmulKernels, SharedInputEqualsSeparateCalls) {
+  std::mt19937 rng(9);
+  ThreadPool pool(2), pool3(3);
+  const int64_t cols = 576;
+  for (T t : {T::Q4_1, T::Q8_0, T::Q4_0, T::F16})
+    for (int64_t tokens : {1, 2, 4, 5, 9}) {
+      const int64_t rows[3] = {37, 16, 5};
+      std::vector<std::vector<uint8_t>> bytes(3);
+      std::vector<WeightView> w(3);
+      for (int i = 0; i < 3; ++i) {
+        for (int64_t r = 0; r < rows[i]; ++r) {
+          const auto row = random_row(t, cols, rng);
+          bytes[i].insert(bytes[i].end(), row.begin(), row.end());
+        }
+        w[i] = WeightView{t, rows[i], cols, bytes[i].data(), row_bytes(t, cols)};
+      }
+      const auto x = random_floats(cols * tokens, rng);
+      std::vector<std::vector<float>> fused(3), separate(3);
+      MatmulOutput outs[3];
+      for (int i = 0; i < 3; ++i) {
+        fused[i].assign(size_t(rows[i] * tokens), -1.0f);
+        separate[i].assign(size_t(rows[i] * tokens), -2.0f);
+        outs[i] = {&w[i], fused[i].data()};
+        matmul(w[i], x.data(), separate[i].data(), tokens, pool);
+      }
+      matmul_shared_input(outs, 3, x.data(), tokens, tokens % 2 ? pool3 : pool);
+      for (int i = 0; i < 3; ++i)
+        for (size_t j = 0; j < fused[i].size(); ++j)
+          ASSERT_EQ(fused[i][j], separate[i][j]) << ggml_type_name(t) << " tokens=" << tokens << " out " << i << " at " << j;
+    }
+}
+
+}  // namespace
+}  // namespace kvq
