@@ -43,7 +43,6 @@ struct LlamaWeights {
 struct LlamaScratch {
   int64_t capacity = 0;
   std::vector<float> x, xn, q, k, v, attn, ff_gate, ff_up, logits;
-  std::vector<int32_t> positions;
   void reserve(const LlamaHparams& hp, int64_t n_tokens, int64_t logits_rows);
 };
 

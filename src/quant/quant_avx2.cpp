@@ -11,6 +11,8 @@
 // (Q8_0/Q8_1 activations never hold -128), so |pair| <= 2*128*127 = 32512.
 #include <immintrin.h>
 
+#include "base/avx2_reduce.h"
+
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -23,29 +25,19 @@ namespace kvq::simd {
 
 namespace {
 
+using avx2::hmax;
+using avx2::hsum;
+
+
 // ---------------------------------------------------------------- helpers
 
 inline float h2f(uint16_t h) { return _cvtsh_ss(h); }  // exact, like fp16_to_f32
-
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 
 inline int hsum_i32(__m256i v) {
   __m128i x = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   x = _mm_add_epi32(x, _mm_unpackhi_epi64(x, x));
   x = _mm_add_epi32(x, _mm_shuffle_epi32(x, 1));
   return _mm_cvtsi128_si32(x);
-}
-
-inline float hmax(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
 }
 
 // Keeps the compiler from fusing a multiply with a later add into an FMA:

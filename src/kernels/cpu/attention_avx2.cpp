@@ -1,6 +1,8 @@
 // AVX2 + FMA tile step of the attention kernel (see attention_tile.h).
 #include <immintrin.h>
 
+#include "base/avx2_reduce.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -10,6 +12,10 @@
 namespace kvq::attn {
 
 namespace {
+
+using avx2::hmax;
+using avx2::hsum;
+
 
 // exp(x) for a vector, |rel err| < 2e-7 on [-87, 88]; exp(-inf) = 0.
 inline __m256 exp256(__m256 x) {
@@ -33,20 +39,6 @@ inline __m256 exp256(__m256 x) {
   __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   // Underflow to exactly zero (covers -inf inputs).
   return _mm256_and_ps(res, _mm256_cmp_ps(x, lo, _CMP_GT_OQ));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // s[r][0..31] (one half of the tile) for up to 3 rows at once: 12 accumulators,
