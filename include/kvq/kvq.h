@@ -87,11 +87,43 @@ struct KvFormatInfo {
   double bits_per_element_k;  // as keys
   double bits_per_element_v;  // as values
   bool pre_rope;              // keys stored before RoPE (RoPE applied after reading)
+  bool needs_calibration;     // needs a calibration sidecar (kvq calibrate)
+  bool kvquant;               // a KVQuant recipe (keeps an attention sink by default)
   std::string description;
 };
 // Every format kvq supports, with its cost for a layer of n_kv_heads x head_dim
 // (per-token side data makes the cost depend on the row width).
 std::vector<KvFormatInfo> kv_formats(int n_kv_heads = 8, int head_dim = 128);
+
+// ---- KV calibration (KVQuant formats) ----------------------------------------
+
+// Offline calibration of the KV cache formats that need it: runs the model on
+// calibration text, captures every layer's pre-RoPE keys and values, and writes
+// a sidecar GGUF with per-channel key bounds and per-layer codebooks.
+struct CalibrationParams {
+  int64_t n_windows = 16;       // windows of `window` tokens taken from the start of the text
+  int64_t window = 2048;
+  int n_threads = 0;            // 0 = every core
+  int sink_tokens = 1;          // first tokens of each window, excluded from the statistics
+  std::string weighting = "scale2";  // k-means element weights: "none" or "scale2" (vector scale squared)
+  uint64_t seed = 0;            // k-means initialisation
+  std::string text_name;        // recorded in the sidecar (where the text came from)
+  // Progress: (stage, done, total), e.g. ("capture", 3, 16) then ("fit", 20, 60).
+  std::function<void(std::string_view stage, int64_t done, int64_t total)> progress;
+};
+
+struct CalibrationReport {
+  std::string path;             // the sidecar written
+  int64_t n_tokens = 0;         // tokens run through the model
+  double capture_seconds = 0, fit_seconds = 0;
+  uint64_t peak_capture_bytes = 0;  // activations held for fitting
+};
+
+CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<const int32_t> tokens,
+                               const CalibrationParams& params, const std::string& out_path);
+
+// Where a model's sidecar lives by default: "<model path>.kvcalib.gguf".
+std::string default_kv_calibration_path(const Model& model);
 
 // ---- Session -------------------------------------------------------------------
 
@@ -101,6 +133,9 @@ struct SessionParams {
   int n_batch = 512;         // tokens per forward chunk during prompt processing
   std::string cache_type_k = "f16";
   std::string cache_type_v = "f16";
+  std::string kv_calibration;  // sidecar for formats that need one; empty = the model's default path
+  int kv_sink = -1;            // first tokens kept in full precision; -1 = format default (1 for KVQuant)
+  int64_t kv_window = 0;       // most recent tokens kept in full precision (0 = off)
 };
 
 struct KvStats {

@@ -1,6 +1,8 @@
 #include "formats/kv_format.h"
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -17,7 +19,7 @@ template <class T>
 class PlainCodec final : public KvCodec {
  public:
   PlainCodec(KvRole role, const KvGeometry& g) : role_(role), g_(g) {}
-  uint64_t page_bytes() const override { return uint64_t(g_.row()) * kKvPageTokens * sizeof(T); }
+  KvPageBytes page_layout() const override { return {uint64_t(g_.row()) * kKvPageTokens * sizeof(T), 0, 0}; }
 
   void encode(const float* row, int slot, uint8_t* page) const override {
     T* base = reinterpret_cast<T*>(page);
@@ -53,17 +55,61 @@ class PlainCodec final : public KvCodec {
   KvGeometry g_;
 };
 
-template <class T>
-std::unique_ptr<KvCodec> make_plain(KvRole role, const KvGeometry& g, const KvTensorCalibration*) {
-  return std::make_unique<PlainCodec<T>>(role, g);
-}
+}  // namespace
 
-constexpr std::array<KvFormat, 2> kFormats = {{
-    {"f32", "32-bit float, post-RoPE keys (exact)", false, false, make_plain<float>},
-    {"f16", "IEEE half, post-RoPE keys", false, false, make_plain<uint16_t>},
+// The format table. Rows are specs; make_kv_codec builds the codec a row describes.
+// Unused fields of non-quant rows are filled with neutral values.
+constexpr KvLevels kU = KvLevels::uniform;
+constexpr KvKeyScaling kTok = KvKeyScaling::per_token;
+constexpr std::array<KvFormat, 24> kFormats = {{
+    {"f32", "32-bit float, post-RoPE keys (exact)", KvScheme::f32, 32, kU, kTok, false, 0.0f, false},
+    {"f16", "IEEE half, post-RoPE keys", KvScheme::f16, 16, kU, kTok, false, 0.0f, false},
+    {"q8_0", "ggml Q8_0 blocks of 32 along the head dimension (fp16 scale, int8), post-RoPE keys", KvScheme::q8_0, 8, kU, kTok, false, 0.0f, false},
+    {"q4_0", "ggml Q4_0 blocks of 32 along the head dimension (fp16 scale, 4-bit), post-RoPE keys", KvScheme::q4_0, 4, kU, kTok, false, 0.0f, false},
+    {"int4", "4-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
+    {"int3", "3-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
+    {"int2", "2-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
+    {"int4-ch-post", "4-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
+    {"int3-ch-post", "3-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
+    {"int2-ch-post", "2-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
+    {"int8-ch", "8-bit uniform; keys per channel (calibrated), pre-RoPE; values per token", KvScheme::quant, 8, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"int4-ch", "4-bit uniform; keys per channel (calibrated), pre-RoPE; values per token", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"int3-ch", "3-bit uniform; keys per channel (calibrated), pre-RoPE; values per token", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"int2-ch", "2-bit uniform; keys per channel (calibrated), pre-RoPE; values per token", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"int4-ch-1%", "4-bit uniform; keys per channel, pre-RoPE; values per token; 1% outliers kept exactly", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.01f, true},
+    {"int3-ch-1%", "3-bit uniform; keys per channel, pre-RoPE; values per token; 1% outliers kept exactly", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.01f, true},
+    {"int2-ch-1%", "2-bit uniform; keys per channel, pre-RoPE; values per token; 1% outliers kept exactly", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_channel, true, 0.01f, true},
+    {"nuq8", "KVQuant 8-bit non-uniform codebook; keys per channel, pre-RoPE; values per token", KvScheme::quant, 8, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"nuq4", "KVQuant 4-bit non-uniform codebook; keys per channel, pre-RoPE; values per token", KvScheme::quant, 4, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"nuq3", "KVQuant 3-bit non-uniform codebook; keys per channel, pre-RoPE; values per token", KvScheme::quant, 3, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"nuq2", "KVQuant 2-bit non-uniform codebook; keys per channel, pre-RoPE; values per token", KvScheme::quant, 2, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.0f, true},
+    {"nuq4-1%", "KVQuant 4-bit non-uniform codebook + 1% dense-and-sparse outliers; keys per channel, pre-RoPE", KvScheme::quant, 4, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.01f, true},
+    {"nuq3-1%", "KVQuant 3-bit non-uniform codebook + 1% dense-and-sparse outliers; keys per channel, pre-RoPE", KvScheme::quant, 3, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.01f, true},
+    {"nuq2-1%", "KVQuant 2-bit non-uniform codebook + 1% dense-and-sparse outliers; keys per channel, pre-RoPE", KvScheme::quant, 2, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.01f, true},
 }};
 
+namespace {
+
 }  // namespace
+
+std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& f, KvRole role, const KvGeometry& g,
+                                       const KvTensorCalibration* calibration, bool for_accounting) {
+  if (g.n_kv_heads <= 0 || g.head_dim <= 0) fail("KV cache: invalid geometry {} x {}", g.n_kv_heads, g.head_dim);
+  if (f.needs_calibration(role) && !calibration && !for_accounting)
+    fail("KV cache type '{}' needs calibration for its {} (run kvq calibrate, or pass --kv-calib FILE)", f.name,
+         role == KvRole::key ? "keys" : "values");
+  switch (f.scheme) {
+    case KvScheme::f32: return std::make_unique<PlainCodec<float>>(role, g);
+    case KvScheme::f16: return std::make_unique<PlainCodec<uint16_t>>(role, g);
+    default: break;
+  }
+  fail("KV cache type '{}' is not implemented", f.name);
+}
+
+int kv_outliers_per_tail(float fraction, int width) {
+  if (!(fraction > 0)) return 0;
+  return std::max(1, int(std::ceil(double(fraction) / 2 * width - 1e-9)));
+}
 
 std::span<const KvFormat> kv_format_table() { return kFormats; }
 
@@ -81,7 +127,7 @@ const KvFormat& kv_format(std::string_view name) {
 }
 
 double kv_bits_per_element(const KvFormat& format, KvRole role, const KvGeometry& g) {
-  const auto codec = format.make_codec(role, g, nullptr);
+  const auto codec = make_kv_codec(format, role, g, nullptr, true);
   return double(codec->page_bytes()) * 8.0 / (double(g.row()) * kKvPageTokens);
 }
 

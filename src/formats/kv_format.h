@@ -27,11 +27,67 @@ struct KvGeometry {
   int row() const { return n_kv_heads * head_dim; }  // elements of one token's K (or V)
 };
 
-// Offline calibration of one layer's K or V, for formats that need it
-// (KVQuant): per-channel bounds and a codebook in the normalised domain.
+// How a format stores its elements.
+enum class KvScheme {
+  f32,    // plain binary32
+  f16,    // plain binary16
+  q8_0,   // ggml-style blocks of 32 along the head dimension, fp16 scale, int8 codes
+  q4_0,   // same with 4-bit codes
+  quant,  // N-bit codes on a level table in [-1, 1], rescaled per vector (see below)
+};
+
+// For KvScheme::quant: which level table the codes index.
+enum class KvLevels {
+  uniform,   // 2^bits evenly spaced levels from -1 to 1 (intN)
+  codebook,  // 2^bits sorted centroids fitted offline per layer and tensor (nuqN)
+};
+
+// For KvScheme::quant keys: where the zero-point and range of an element come from.
+// (Values are always scaled per token: their zero-point and range come from the
+// token's own outlier-trimmed min/max over the whole layer row.)
+enum class KvKeyScaling {
+  per_token,    // like values: per token row, online
+  per_channel,  // per channel, fixed offline by calibration (KVQuant)
+};
+
+// One row of the format table. A quant row maps an element x of a vector with
+// zero-point zp and range r to code c = nearest level to (x - zp) / r, and back
+// to zp + r * level[c]. With outliers, each token vector also keeps a fixed
+// number of elements exactly (a 16-bit residual on top of the dense code).
+struct KvFormat {
+  std::string_view name;         // what users type
+  std::string_view description;
+  KvScheme scheme;
+  int bits;                      // bits per code (quant: 1..8); 32/16/8/4 for the others
+  KvLevels levels;               // quant only
+  KvKeyScaling key_scaling;      // quant only
+  bool keys_pre_rope;            // keys stored before RoPE (rotated after decoding)
+  float outlier_fraction;        // dense-and-sparse: share of each vector kept exactly (0: none)
+  bool kvquant;                  // a KVQuant recipe: the cache keeps an attention sink by default
+
+  // Whether make_kv_codec needs a KvTensorCalibration for this role.
+  bool needs_calibration(KvRole role) const {
+    if (scheme != KvScheme::quant) return false;
+    return levels == KvLevels::codebook || (role == KvRole::key && key_scaling == KvKeyScaling::per_channel);
+  }
+};
+
+// Offline calibration of one layer's K or V, for formats that need it (KVQuant).
 struct KvTensorCalibration {
-  std::vector<float> lower, upper;  // per channel (row() values)
-  std::vector<float> codebook;      // sorted centroids in [-1, 1]
+  // Keys scaled per channel: bounds per channel (row() values each); zero-point
+  // (upper+lower)/2, range (upper-lower)/2. With outliers these are the
+  // thresholds beyond which an element is an outlier. Empty otherwise.
+  std::vector<float> lower, upper;
+  // KvLevels::codebook: 2^bits sorted centroids in [-1, 1]. Empty otherwise.
+  std::vector<float> codebook;
+};
+
+// Bytes of one page's key or value part, by what they hold.
+struct KvPageBytes {
+  uint64_t codes = 0;     // dense codes (or plain elements)
+  uint64_t scales = 0;    // per-token / per-block scales and zero-points
+  uint64_t outliers = 0;  // sparse outlier slots (residual + index)
+  uint64_t total() const { return codes + scales + outliers; }
 };
 
 // One layer's K or V storage in one format. Immutable and thread-safe after construction.
@@ -39,9 +95,15 @@ class KvCodec {
  public:
   virtual ~KvCodec() = default;
   // Bytes of this tensor's part of one page (every head, kKvPageTokens tokens).
-  virtual uint64_t page_bytes() const = 0;
+  uint64_t page_bytes() const { return page_layout().total(); }
+  virtual KvPageBytes page_layout() const = 0;
+  // Bytes held once per layer, outside the pages (per-channel zero-points and
+  // ranges, codebook). Counted in the cache's memory.
+  virtual uint64_t fixed_bytes() const { return 0; }
   // Encodes one token row (row() floats; keys as the format wants them, see
-  // KvFormat::keys_pre_rope) into slot `slot` of `page`. Each token is encoded once.
+  // KvFormat::keys_pre_rope) into slot `slot` of `page`. Each token is encoded
+  // once. Non-finite inputs must not cause undefined behaviour (they encode to
+  // some defined code; the model rejects the batch anyway).
   virtual void encode(const float* row, int slot, uint8_t* page) const = 0;
   // Decodes head `head` for slots [0, n) into a tile: keys channel-major
   // dst[d * kKvPageTokens + j], values token-major dst[j * head_dim + d].
@@ -49,20 +111,20 @@ class KvCodec {
   virtual void decode(const uint8_t* page, int head, int n, float* dst) const = 0;
 };
 
-struct KvFormat {
-  std::string_view name;          // what users type
-  std::string_view description;
-  bool keys_pre_rope;             // keys stored before RoPE (rotated after decoding)
-  bool needs_calibration;         // make_codec requires a KvTensorCalibration
-  // `calibration` may be null when the format needs none, or when only
-  // page_bytes() will be asked (size accounting).
-  std::unique_ptr<KvCodec> (*make_codec)(KvRole role, const KvGeometry& geometry,
-                                         const KvTensorCalibration* calibration);
-};
-
 std::span<const KvFormat> kv_format_table();
 const KvFormat* find_kv_format(std::string_view name);  // nullptr if unknown
 const KvFormat& kv_format(std::string_view name);      // throws listing valid names
+
+// The codec of `format` for one layer's keys or values. `calibration` must be
+// given when format.needs_calibration(role) (throws otherwise, and when its
+// sizes do not match the geometry and bits); it may be null for size
+// accounting only when `for_accounting` is true.
+std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& format, KvRole role, const KvGeometry& geometry,
+                                       const KvTensorCalibration* calibration, bool for_accounting = false);
+
+// Sparse outlier slots per tail (low and high) of a vector of `width` elements:
+// ceil(fraction / 2 * width), at least 1 when fraction > 0.
+int kv_outliers_per_tail(float fraction, int width);
 
 // Storage cost of a format in bits per element, everything in a page included.
 double kv_bits_per_element(const KvFormat& format, KvRole role, const KvGeometry& geometry);

@@ -16,9 +16,9 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
     fail("KV cache: RoPE head size {} differs from the cache's {}", config.rope.head_dim, config.head_dim);
   rope_ = Rope(config.rope);
   const KvGeometry geometry{config.n_kv_heads, config.head_dim};
-  auto calibration = [&](const KvFormat& f, const std::vector<KvTensorCalibration>& c, int layer, const char* what)
-      -> const KvTensorCalibration* {
-    if (!f.needs_calibration) return nullptr;
+  auto calibration = [&](const KvFormat& f, KvRole role, const std::vector<KvTensorCalibration>& c, int layer,
+                         const char* what) -> const KvTensorCalibration* {
+    if (!f.needs_calibration(role)) return nullptr;
     if (int(c.size()) != config.n_layers)
       fail("KV cache type '{}' needs calibration for the {} of all {} layers (have {})", f.name, what,
            config.n_layers, c.size());
@@ -26,8 +26,10 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   };
   layers_.resize(config.n_layers);
   for (int l = 0; l < config.n_layers; ++l) {
-    layers_[l].k_codec = config.k_format->make_codec(KvRole::key, geometry, calibration(*config.k_format, config.k_calibration, l, "keys"));
-    layers_[l].v_codec = config.v_format->make_codec(KvRole::value, geometry, calibration(*config.v_format, config.v_calibration, l, "values"));
+    layers_[l].k_codec = make_kv_codec(*config.k_format, KvRole::key, geometry,
+                                       calibration(*config.k_format, KvRole::key, config.k_calibration, l, "keys"));
+    layers_[l].v_codec = make_kv_codec(*config.v_format, KvRole::value, geometry,
+                                       calibration(*config.v_format, KvRole::value, config.v_calibration, l, "values"));
   }
   k_page_bytes_ = layers_[0].k_codec->page_bytes();
   v_page_bytes_ = layers_[0].v_codec->page_bytes();
@@ -66,6 +68,7 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   Layer& layer = layers_[layer_index];
   KVQ_ASSERT(layer.stored == n_tokens_);
   const int64_t row = int64_t(config_.n_kv_heads) * config_.head_dim;
+  if (observer_) observer_(layer_index, batch_n_, positions_.data() + n_tokens_, k, v);
   const bool rotate = !config_.k_format->keys_pre_rope;
   rotated_.resize(size_t(row));
   for (int64_t i = 0; i < batch_n_; ++i) {

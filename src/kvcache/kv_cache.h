@@ -6,6 +6,7 @@
 // and values only through a KvLayerView of this cache.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -69,6 +70,13 @@ class KvCache {
 
   void clear();  // forget every token; pages stay allocated for reuse
 
+  // Sees every batch stored, before encoding: (layer, n tokens, their positions,
+  // keys pre-RoPE [n][row], values [n][row]). Calibration captures activations
+  // through it; empty by default.
+  using StoreObserver =
+      std::function<void(int layer, int64_t n, const int32_t* positions, const float* k, const float* v)>;
+  void set_observer(StoreObserver observer) { observer_ = std::move(observer); }
+
   uint64_t bytes_k() const;  // bytes really allocated
   uint64_t bytes_v() const;
 
@@ -89,6 +97,7 @@ class KvCache {
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;
   std::vector<float> rotated_;  // scratch for post-RoPE formats
+  StoreObserver observer_;
 };
 
 }  // namespace kvq

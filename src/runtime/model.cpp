@@ -145,7 +145,7 @@ std::vector<KvFormatInfo> kv_formats(int n_kv_heads, int head_dim) {
   std::vector<KvFormatInfo> out;
   for (const auto& f : kv_format_table()) {
     const double bk = kv_bits_per_element(f, KvRole::key, g), bv = kv_bits_per_element(f, KvRole::value, g);
-    out.push_back({std::string(f.name), (bk + bv) / 2, bk, bv, f.keys_pre_rope, std::string(f.description)});
+    out.push_back({std::string(f.name), (bk + bv) / 2, bk, bv, f.keys_pre_rope, f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value), f.kvquant, std::string(f.description)});
   }
   return out;
 }
