@@ -31,9 +31,13 @@ std::string dims_string(const std::vector<int64_t>& dims) {
   return s;
 }
 
-// bits_per_element * 2 (K and V) * n_layer * n_head_kv * head_dim * ctx / 8, per side.
-double kv_side_bytes(const ModelInfo& m, const KvFormatInfo& f, int64_t ctx) {
-  return f.bits_per_element * double(m.n_layer) * double(m.n_head_kv) * double(m.head_dim) * double(ctx) / 8.0;
+// What a cache of these formats really holds at ctx tokens (pages, side data, sink).
+KvStats kv_at(const Model& model, const std::string& type_k, const std::string& type_v, int64_t ctx) {
+  SessionParams sp;
+  sp.n_ctx = ctx;
+  sp.cache_type_k = type_k;
+  sp.cache_type_v = type_v;
+  return kv_memory_estimate(model, sp, ctx);
 }
 
 struct Lines {
@@ -67,7 +71,7 @@ int info(const InfoOptions& o) {
   }
   const KvFormatInfo* fk = find_kv_format(o.type_k);
   const KvFormatInfo* fv = find_kv_format(o.type_v);
-  const double selected_kv = (fk ? kv_side_bytes(m, *fk, ctx) : 0) + (fv ? kv_side_bytes(m, *fv, ctx) : 0);
+  const uint64_t selected_kv = fk && fv ? kv_at(*model, o.type_k, o.type_v, ctx).bytes() : 0;
 
   if (o.json) {
     nlohmann::json meta = nlohmann::json::object();
@@ -77,13 +81,24 @@ int info(const InfoOptions& o) {
       types[name] = {{"tensors", s.count}, {"elements", s.elements}, {"bytes", s.bytes}};
     nlohmann::json kv = nlohmann::json::array();
     for (const auto& f : formats) {
-      const double side = kv_side_bytes(m, f, ctx);
+      const KvStats st = kv_at(*model, f.name, f.name, ctx);
       kv.push_back({{"type", f.name},
                     {"bits_per_element", f.bits_per_element},
+                    {"bits_per_element_k", f.bits_per_element_k},
+                    {"bits_per_element_v", f.bits_per_element_v},
                     {"pre_rope", f.pre_rope},
+                    {"needs_calibration", f.needs_calibration},
                     {"description", f.description},
-                    {"bytes", uint64_t(std::llround(2 * side))},
-                    {"bytes_per_token", 2 * side / double(ctx)}});
+                    {"sink_tokens", st.sink_tokens},
+                    {"bytes", st.bytes()},
+                    {"bytes_k", st.bytes_k},
+                    {"bytes_v", st.bytes_v},
+                    {"bytes_codes", st.bytes_codes},
+                    {"bytes_scales", st.bytes_scales},
+                    {"bytes_outliers", st.bytes_outliers},
+                    {"bytes_full_precision", st.bytes_full_precision},
+                    {"bytes_calibration", st.bytes_calibration},
+                    {"bytes_per_token", double(st.bytes()) / double(ctx)}});
     }
     nlohmann::json j = {
         {"path", m.path},
@@ -103,7 +118,7 @@ int info(const InfoOptions& o) {
         {"tensor_types", types},
         {"n_tensors", m.tensors.size()},
         {"kv_cache", {{"ctx", ctx}, {"type_k", o.type_k}, {"type_v", o.type_v},
-                      {"bytes", uint64_t(std::llround(selected_kv))}, {"formats", kv}}},
+                      {"bytes", selected_kv}, {"formats", kv}}},
     };
     if (o.tensors) {
       nlohmann::json list = nlohmann::json::array();
@@ -133,14 +148,17 @@ int info(const InfoOptions& o) {
   line("  tokenizer {} (pre: {}), add BOS {}, BOS id {}", m.tokenizer_model, m.tokenizer_pre.empty() ? "-" : m.tokenizer_pre,
        model->add_bos_default() ? "yes" : "no", model->bos_id());
   line("");
-  line("KV cache at {} tokens (K and V, all {} layers):", ctx, m.n_layer);
-  line("  {:<10} {:>8} {:>12} {:>14}  {}", "type", "bits", "total", "per token", "description");
+  line("KV cache at {} tokens (K and V, all {} layers; bytes as allocated: pages, scales, outliers,", ctx,
+       m.n_layer);
+  line("sink token for KVQuant formats, per-layer calibration constants):");
+  line("  {:<14} {:>6} {:>6} {:>6} {:>12} {:>11}  {}", "type", "bits", "K", "V", "total", "per token", "description");
   for (const auto& f : formats) {
-    const double side = kv_side_bytes(m, f, ctx);
-    line("  {:<10} {:>8.3f} {:>12} {:>14}  {}{}", f.name, f.bits_per_element, format_bytes(uint64_t(2 * side)),
-         format_bytes(uint64_t(2 * side / double(ctx))), f.description, f.pre_rope ? " (keys pre-RoPE)" : "");
+    const KvStats st = kv_at(*model, f.name, f.name, ctx);
+    line("  {:<14} {:>6.3f} {:>6.3f} {:>6.3f} {:>12} {:>11}  {}", f.name, f.bits_per_element, f.bits_per_element_k,
+         f.bits_per_element_v, format_bytes(st.bytes()), format_bytes(uint64_t(double(st.bytes()) / double(ctx))),
+         f.description);
   }
-  line("  selected: K {} + V {} = {}", o.type_k, o.type_v, format_bytes(uint64_t(selected_kv)));
+  line("  selected: K {} + V {} = {}", o.type_k, o.type_v, format_bytes(selected_kv));
   line("");
   line("tensors: {}", m.tensors.size());
   if (o.tensors) {

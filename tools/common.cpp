@@ -114,6 +114,19 @@ void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_
       ->capture_default_str();
 }
 
+void add_kv_cache_flags(CLI::App& app, KvCacheFlags& flags) {
+  app.add_option("--kv-calib", flags.calibration,
+                 "calibration sidecar for KVQuant formats (default: <model>.kvcalib.gguf; see kvq calibrate)")
+      ->type_name("FILE");
+  app.add_option("--kv-sink", flags.sink,
+                 "first N tokens kept in full precision (default: 1 for KVQuant formats, 0 otherwise)")
+      ->type_name("N")
+      ->check(int_range(0, 1 << 20));
+  app.add_option("--kv-window", flags.window, "most recent N tokens kept in full precision (default: 0, off)")
+      ->type_name("N")
+      ->check(int_range(0, kMaxCtx));
+}
+
 void add_json_flag(CLI::App& app, bool& json, const std::string& help) { app.add_flag("--json", json, help); }
 
 std::string resolved_model_path(const std::string& path) { return path.empty() ? default_model_path() : path; }

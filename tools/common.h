@@ -37,6 +37,20 @@ void add_batch_flag(CLI::App& app, int& n_batch);
 void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_v);
 void add_json_flag(CLI::App& app, bool& json, const std::string& help);
 
+// KV cache options beyond the two formats: calibration sidecar, full-precision
+// attention sink and recent window.
+struct KvCacheFlags {
+  std::string calibration;  // empty: the model's default sidecar path
+  int sink = -1;            // -1: the format's default
+  int64_t window = 0;
+  void apply(SessionParams& params) const {
+    params.kv_calibration = calibration;
+    params.kv_sink = sink;
+    params.kv_window = window;
+  }
+};
+void add_kv_cache_flags(CLI::App& app, KvCacheFlags& flags);
+
 // Numeric validators whose messages read well ("must be >= 0, got -5").
 CLI::Validator int_range(int64_t lo, int64_t hi);
 CLI::Validator float_range(double lo, double hi);  // inclusive

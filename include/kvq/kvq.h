@@ -142,10 +142,21 @@ struct KvStats {
   std::string type_k, type_v;
   int64_t n_tokens = 0;      // tokens held
   int64_t n_ctx = 0;         // capacity
-  uint64_t bytes_k = 0;      // bytes really allocated for keys
+  int sink_tokens = 0;       // full-precision attention sink
+  int64_t window_tokens = 0; // full-precision recent window
+  uint64_t bytes_k = 0;      // bytes really allocated for keys (everything below included)
   uint64_t bytes_v = 0;      // and values
+  // The same bytes by what they hold:
+  uint64_t bytes_codes = 0, bytes_scales = 0, bytes_outliers = 0;
+  uint64_t bytes_full_precision = 0;  // sink and window side stores
+  uint64_t bytes_calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
   uint64_t bytes() const { return bytes_k + bytes_v; }
 };
+
+// The bytes a session with these parameters holds once n_tokens tokens are in its
+// cache (exactly what Session::kv_stats() would report), without allocating it.
+// params.n_ctx = 0 means "n_tokens".
+KvStats kv_memory_estimate(const Model& model, const SessionParams& params, int64_t n_tokens);
 
 // Called with (index of the token in the evaluated span, its next-token logits).
 using LogitsCallback = std::function<void(int64_t index, std::span<const float> logits)>;

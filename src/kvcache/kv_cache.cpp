@@ -4,6 +4,8 @@
 #include <cstring>
 
 #include "base/error.h"
+#include "base/fp16.h"
+#include "base/fp16_row.h"
 
 namespace kvq {
 
@@ -31,6 +33,13 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
     layers_[l].v_codec = make_kv_codec(*config.v_format, KvRole::value, geometry,
                                        calibration(*config.v_format, KvRole::value, config.v_calibration, l, "values"));
   }
+  if (config.sink_tokens < 0 || config.window_tokens < 0)
+    fail("KV cache: sink ({}) and window ({}) token counts must be >= 0", config.sink_tokens, config.window_tokens);
+  const size_t sink_elems = size_t(std::min<int64_t>(config.sink_tokens, config.n_ctx)) * size_t(geometry.row());
+  for (auto& layer : layers_) {
+    layer.sink_k.assign(sink_elems, 0);
+    layer.sink_v.assign(sink_elems, 0);
+  }
   k_page_bytes_ = layers_[0].k_codec->page_bytes();
   v_page_bytes_ = layers_[0].v_codec->page_bytes();
   positions_.reserve(size_t(std::min<int64_t>(config.n_ctx, 1 << 16)));
@@ -47,6 +56,26 @@ void KvCache::ensure_pages(int64_t n_tokens) {
   }
 }
 
+// The window ring must hold the R tokens before a batch plus the whole batch:
+// the batch's first query still reads R - 1 older tokens in full precision.
+void KvCache::ensure_window(int64_t batch) {
+  const int64_t r = config_.window_tokens;
+  if (r == 0 || window_capacity_ >= r + batch) return;
+  const int64_t capacity = (r + batch + kKvPageTokens - 1) / kKvPageTokens * kKvPageTokens;
+  const size_t row = size_t(config_.n_kv_heads) * size_t(config_.head_dim);
+  const int64_t keep_from = std::max<int64_t>(0, n_tokens_ - r);
+  for (auto& layer : layers_) {
+    for (auto* ring : {&layer.window_k, &layer.window_v}) {
+      std::vector<uint16_t> grown(size_t(capacity) * row);
+      for (int64_t s = keep_from; s < n_tokens_; ++s)
+        std::copy_n(ring->data() + size_t(s % window_capacity_) * row, row, grown.data() + size_t(s % capacity) * row);
+      *ring = std::move(grown);
+    }
+  }
+  window_capacity_ = capacity;
+  window_first_ = keep_from;
+}
+
 void KvCache::begin_batch(std::span<const int32_t> positions) {
   KVQ_ASSERT(batch_n_ == 0);
   const int64_t n = int64_t(positions.size());
@@ -59,6 +88,7 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
     last = p;
   }
   ensure_pages(n_tokens_ + n);
+  ensure_window(n);
   positions_.insert(positions_.end(), positions.begin(), positions.end());
   batch_n_ = n;
 }
@@ -81,8 +111,18 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
       rope_.apply(rotated_.data(), config_.n_kv_heads, positions_[slot]);
       krow = rotated_.data();
     }
+    const float* vrow = v + i * row;
     layer.k_codec->encode(krow, in_page, page);
-    layer.v_codec->encode(v + i * row, in_page, page + k_page_bytes_);
+    layer.v_codec->encode(vrow, in_page, page + k_page_bytes_);
+    if (slot < config_.sink_tokens) {
+      f32_to_fp16_row(krow, layer.sink_k.data() + slot * row, row);
+      f32_to_fp16_row(vrow, layer.sink_v.data() + slot * row, row);
+    }
+    if (window_capacity_ > 0) {
+      const int64_t at = (slot % window_capacity_) * row;
+      f32_to_fp16_row(krow, layer.window_k.data() + at, row);
+      f32_to_fp16_row(vrow, layer.window_v.data() + at, row);
+    }
   }
   layer.stored = n_tokens_ + batch_n_;
 }
@@ -101,29 +141,77 @@ void KvCache::abort_batch() {
 
 KvLayerView KvCache::view(int layer_index) const {
   const Layer& layer = layers_[layer_index];
-  return KvLayerView{layer.k_codec.get(),      layer.v_codec.get(), config_.k_format->keys_pre_rope,
-                     config_.n_kv_heads,       config_.head_dim,    layer.stored,
-                     layer.pages.data(),       k_page_bytes_,       positions_.data(),
-                     &rope_};
+  KvLayerView v;
+  v.k_codec = layer.k_codec.get();
+  v.v_codec = layer.v_codec.get();
+  v.keys_pre_rope = config_.k_format->keys_pre_rope;
+  v.n_kv_heads = config_.n_kv_heads;
+  v.head_dim = config_.head_dim;
+  v.n_tokens = layer.stored;
+  v.pages = layer.pages.data();
+  v.v_offset = k_page_bytes_;
+  v.positions = positions_.data();
+  v.rope = &rope_;
+  v.sink_tokens = int(std::min<int64_t>(config_.sink_tokens, config_.n_ctx));
+  v.sink_k = layer.sink_k.data();
+  v.sink_v = layer.sink_v.data();
+  v.window_tokens = config_.window_tokens;
+  v.window_capacity = window_capacity_;
+  v.window_first = std::max<int64_t>(window_first_, layer.stored - window_capacity_);
+  v.window_k = layer.window_k.data();
+  v.window_v = layer.window_v.data();
+  return v;
 }
 
 void KvCache::clear() {
   KVQ_ASSERT(batch_n_ == 0);
   n_tokens_ = 0;
+  window_first_ = 0;
   positions_.clear();
   for (auto& layer : layers_) layer.stored = 0;
 }
 
-uint64_t KvCache::bytes_k() const {
-  uint64_t pages = 0;
-  for (const auto& l : layers_) pages += l.pages.size();
-  return pages * k_page_bytes_;
+KvMemory KvCache::memory_for(const KvCacheConfig& c, int64_t n_tokens, int64_t max_batch) {
+  const KvGeometry g{c.n_kv_heads, c.head_dim};
+  const auto kc = make_kv_codec(*c.k_format, KvRole::key, g, nullptr, true);
+  const auto vc = make_kv_codec(*c.v_format, KvRole::value, g, nullptr, true);
+  const uint64_t pages = uint64_t((n_tokens + kKvPageTokens - 1) / kKvPageTokens);
+  const uint64_t row = uint64_t(g.row());
+  const uint64_t sink_rows = uint64_t(std::min<int64_t>(c.sink_tokens, c.n_ctx));
+  const uint64_t window_rows =
+      c.window_tokens > 0 && n_tokens > 0
+          ? uint64_t((c.window_tokens + std::min(max_batch, n_tokens) + kKvPageTokens - 1) / kKvPageTokens * kKvPageTokens)
+          : 0;
+  const uint64_t side = (sink_rows + window_rows) * row * sizeof(uint16_t);
+  const KvPageBytes kp = kc->page_layout(), vp = vc->page_layout();
+  const uint64_t layers = uint64_t(c.n_layers);
+  KvMemory m;
+  m.codes = layers * pages * (kp.codes + vp.codes);
+  m.scales = layers * pages * (kp.scales + vp.scales);
+  m.outliers = layers * pages * (kp.outliers + vp.outliers);
+  m.full_precision = layers * 2 * side;
+  m.calibration = layers * (kc->fixed_bytes() + vc->fixed_bytes());
+  m.k = layers * (pages * kp.total() + side + kc->fixed_bytes());
+  m.v = layers * (pages * vp.total() + side + vc->fixed_bytes());
+  return m;
 }
 
-uint64_t KvCache::bytes_v() const {
-  uint64_t pages = 0;
-  for (const auto& l : layers_) pages += l.pages.size();
-  return pages * v_page_bytes_;
+KvMemory KvCache::memory() const {
+  KvMemory m;
+  for (const auto& l : layers_) {
+    const uint64_t pages = l.pages.size();
+    const KvPageBytes kp = l.k_codec->page_layout(), vp = l.v_codec->page_layout();
+    const uint64_t k_side = (l.sink_k.size() + l.window_k.size()) * sizeof(uint16_t);
+    const uint64_t v_side = (l.sink_v.size() + l.window_v.size()) * sizeof(uint16_t);
+    m.codes += pages * (kp.codes + vp.codes);
+    m.scales += pages * (kp.scales + vp.scales);
+    m.outliers += pages * (kp.outliers + vp.outliers);
+    m.full_precision += k_side + v_side;
+    m.calibration += l.k_codec->fixed_bytes() + l.v_codec->fixed_bytes();
+    m.k += pages * kp.total() + k_side + l.k_codec->fixed_bytes();
+    m.v += pages * vp.total() + v_side + l.v_codec->fixed_bytes();
+  }
+  return m;
 }
 
 }  // namespace kvq
@@ -134,9 +222,56 @@ int KvLayerView::page_tokens(int64_t p) const {
   return int(std::min<int64_t>(kKvPageTokens, n_tokens - p * kKvPageTokens));
 }
 
-void KvLayerView::decode_keys(int64_t p, int head, float* kt) const {
+int64_t KvLayerView::window_from(int32_t pos) const {
+  if (window_tokens == 0) return kKvNoWindow;
+  // Positions increase: the first slot whose position is > pos - window_tokens.
+  const int64_t threshold = int64_t(pos) - window_tokens;
+  const int32_t* first = std::upper_bound(positions, positions + n_tokens, threshold,
+                                          [](int64_t t, int32_t p) { return t < int64_t(p); });
+  return std::max<int64_t>(first - positions, window_first);
+}
+
+namespace {
+
+// Overwrites slots of a decoded tile with binary16 side-store rows. `rows(slot)`
+// gives the row of a slot; keys go channel-major, values token-major.
+template <class RowOf>
+void patch_tile(float* tile, bool channel_major, int head, int head_dim, int64_t s0, int64_t s1, int64_t page_first,
+                RowOf rows) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint16_t* src = rows(s) + int64_t(head) * head_dim;
+    const int64_t j = s - page_first;
+    for (int d = 0; d < head_dim; ++d) {
+      const float x = fp16_to_f32(src[d]);
+      if (channel_major) tile[int64_t(d) * kKvPageTokens + j] = x;
+      else tile[j * head_dim + d] = x;
+    }
+  }
+}
+
+}  // namespace
+
+// Sink slots, then window slots >= fp_from, of page p.
+static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, float* tile, bool keys, int64_t fp_from) {
+  const int64_t first = p * kKvPageTokens, end = first + kv.page_tokens(p);
+  const int64_t row = int64_t(kv.n_kv_heads) * kv.head_dim;
+  if (first < kv.sink_tokens) {
+    const uint16_t* base = keys ? kv.sink_k : kv.sink_v;
+    patch_tile(tile, keys, head, kv.head_dim, first, std::min<int64_t>(end, kv.sink_tokens), first,
+               [&](int64_t s) { return base + s * row; });
+  }
+  if (fp_from != kKvNoWindow && fp_from < end) {
+    KVQ_ASSERT(fp_from >= kv.window_first);
+    const uint16_t* base = keys ? kv.window_k : kv.window_v;
+    patch_tile(tile, keys, head, kv.head_dim, std::max(first, fp_from), end, first,
+               [&](int64_t s) { return base + (s % kv.window_capacity) * row; });
+  }
+}
+
+void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) const {
   const int n = page_tokens(p);
   k_codec->decode(pages[p], head, n, kt);
+  patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;
   // Rotate each decoded key at its own position (the tile is channel-major).
   const RopeSpec& spec = rope->spec();
@@ -153,8 +288,9 @@ void KvLayerView::decode_keys(int64_t p, int head, float* kt) const {
   }
 }
 
-void KvLayerView::decode_values(int64_t p, int head, float* v) const {
+void KvLayerView::decode_values(int64_t p, int head, float* v, int64_t fp_from) const {
   v_codec->decode(pages[p] + v_offset, head, page_tokens(p), v);
+  patch_full_precision(*this, p, head, v, false, fp_from);
 }
 
 }  // namespace kvq

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <climits>
 #include <memory>
 #include <span>
 #include <vector>
@@ -24,9 +25,16 @@ struct KvCacheConfig {
   const KvFormat* k_format = nullptr;
   const KvFormat* v_format = nullptr;
   RopeSpec rope;                   // how the model rotates keys
+  // Full-precision (binary16) side stores, read instead of the codes:
+  int sink_tokens = 0;             // the first tokens (attention sink), always
+  int64_t window_tokens = 0;       // the most recent tokens: for a query at position P,
+                                   // every key/value at a position > P - window_tokens
   // Per-layer calibration for formats that need it (empty otherwise).
   std::vector<KvTensorCalibration> k_calibration, v_calibration;
 };
+
+// No slot of a page is read from the recent-window store.
+constexpr int64_t kKvNoWindow = INT64_MAX;
 
 // A plain description of one layer's cache for the attention kernels.
 struct KvLayerView {
@@ -40,11 +48,37 @@ struct KvLayerView {
   uint64_t v_offset;                // where values start within a page
   const int32_t* positions;         // position of each slot (increasing)
   const Rope* rope;
+  // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
+  // in the format's domain (unrotated for pre-RoPE formats).
+  int sink_tokens;                  // slots [0, sink_tokens) come from sink_k / sink_v
+  const uint16_t* sink_k;
+  const uint16_t* sink_v;
+  int64_t window_tokens;            // 0: no recent window
+  int64_t window_first;             // oldest slot the window ring holds
+  int64_t window_capacity;          // ring rows; slot s lives in row s % window_capacity
+  const uint16_t* window_k;
+  const uint16_t* window_v;
 
-  // Decoded tiles of page p for one head (see KvCodec::decode for the layouts).
   int page_tokens(int64_t p) const;
-  void decode_keys(int64_t p, int head, float* kt) const;
-  void decode_values(int64_t p, int head, float* v) const;
+  // First slot read in full precision (through the window) by a query at
+  // position `pos`; kKvNoWindow when there is no window.
+  int64_t window_from(int32_t pos) const;
+  // Decoded tiles of page p for one head (see KvCodec::decode for the layouts):
+  // codes decoded, sink slots and window slots >= fp_from patched from the side
+  // stores, then (keys of a pre-RoPE format) rotated at each slot's position.
+  void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow) const;
+  void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
+};
+
+// Bytes a cache holds, by what they hold (all layers, keys and values).
+struct KvMemory {
+  uint64_t k = 0, v = 0;        // everything for keys / for values
+  uint64_t codes = 0;           // dense codes or plain elements
+  uint64_t scales = 0;          // per-token / per-block scales and zero-points
+  uint64_t outliers = 0;        // sparse outlier slots
+  uint64_t full_precision = 0;  // sink and recent-window side stores
+  uint64_t calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
+  uint64_t total() const { return k + v; }
 };
 
 class KvCache {
@@ -77,8 +111,13 @@ class KvCache {
       std::function<void(int layer, int64_t n, const int32_t* positions, const float* k, const float* v)>;
   void set_observer(StoreObserver observer) { observer_ = std::move(observer); }
 
-  uint64_t bytes_k() const;  // bytes really allocated
-  uint64_t bytes_v() const;
+  uint64_t bytes_k() const { return memory().k; }  // bytes really allocated
+  uint64_t bytes_v() const { return memory().v; }
+  KvMemory memory() const;
+  // What a cache of this configuration holds once n_tokens tokens arrived in
+  // batches of at most max_batch, computed without allocating it (codecs built
+  // for accounting, so no calibration is needed). Equals memory() of a real cache.
+  static KvMemory memory_for(const KvCacheConfig& config, int64_t n_tokens, int64_t max_batch);
 
  private:
   void ensure_pages(int64_t n_tokens);
@@ -86,8 +125,12 @@ class KvCache {
   KvCacheConfig config_;
   Rope rope_;
   uint64_t k_page_bytes_ = 0, v_page_bytes_ = 0;
+  void ensure_window(int64_t batch);
+
   struct Layer {
     std::unique_ptr<KvCodec> k_codec, v_codec;
+    std::vector<uint16_t> sink_k, sink_v;      // [sink_tokens][row]
+    std::vector<uint16_t> window_k, window_v;  // ring [window_capacity_][row]
     std::vector<std::unique_ptr<uint8_t[]>> owned;
     std::vector<const uint8_t*> pages;
     int64_t stored = 0;  // tokens written in this layer
@@ -96,6 +139,8 @@ class KvCache {
   std::vector<int32_t> positions_;
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;
+  int64_t window_capacity_ = 0;
+  int64_t window_first_ = 0;    // oldest slot whose window row is intact
   std::vector<float> rotated_;  // scratch for post-RoPE formats
   StoreObserver observer_;
 };

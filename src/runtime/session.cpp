@@ -55,6 +55,27 @@ struct Session::Impl {
   }
 };
 
+namespace {
+
+// The cache a session with these (validated) parameters holds, calibration aside.
+KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
+  KvCacheConfig cfg;
+  cfg.n_layers = hp.n_layer;
+  cfg.n_kv_heads = hp.n_head_kv;
+  cfg.head_dim = hp.head_dim;
+  cfg.n_ctx = p.n_ctx;
+  cfg.k_format = &kv_format(p.cache_type_k);
+  cfg.v_format = &kv_format(p.cache_type_v);
+  cfg.rope = hp.rope;
+  if (p.kv_sink < -1) fail("sink token count {} is negative", p.kv_sink);
+  if (p.kv_window < 0) fail("window token count {} is negative", p.kv_window);
+  cfg.sink_tokens = p.kv_sink >= 0 ? p.kv_sink : (cfg.k_format->kvquant || cfg.v_format->kvquant ? 1 : 0);
+  cfg.window_tokens = p.kv_window;
+  return cfg;
+}
+
+}  // namespace
+
 Session::Session(std::shared_ptr<const Model> model, const SessionParams& params) {
   if (!model) fail("session: no model");
   const LlamaModel& llama = model->impl().llama;
@@ -66,14 +87,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionParams& params
   if (p.n_threads < 0 || p.n_threads > 1024) fail("thread count {} is out of range 0..1024", p.n_threads);
   if (p.n_threads == 0) p.n_threads = default_thread_count();
   if (p.n_batch <= 0 || p.n_batch > 65536) fail("batch size {} is out of range 1..65536", p.n_batch);
-  KvCacheConfig cfg;
-  cfg.n_layers = hp.n_layer;
-  cfg.n_kv_heads = hp.n_head_kv;
-  cfg.head_dim = hp.head_dim;
-  cfg.n_ctx = p.n_ctx;
-  cfg.k_format = &kv_format(p.cache_type_k);
-  cfg.v_format = &kv_format(p.cache_type_v);
-  cfg.rope = hp.rope;
+  KvCacheConfig cfg = cache_config(hp, p);
   impl_ = std::make_unique<Impl>(std::move(model), p, p.n_threads, cfg);
 }
 
@@ -101,16 +115,40 @@ int Session::n_threads() const { return impl_->pool.size(); }
 void Session::reset() { impl_->cache.clear(); }
 const Model& Session::model() const { return *impl_->model; }
 
+namespace {
+
+KvStats make_stats(const KvCacheConfig& c, int64_t n_tokens, const KvMemory& m) {
+  KvStats st;
+  st.type_k = std::string(c.k_format->name);
+  st.type_v = std::string(c.v_format->name);
+  st.n_tokens = n_tokens;
+  st.n_ctx = c.n_ctx;
+  st.sink_tokens = c.sink_tokens;
+  st.window_tokens = c.window_tokens;
+  st.bytes_k = m.k;
+  st.bytes_v = m.v;
+  st.bytes_codes = m.codes;
+  st.bytes_scales = m.scales;
+  st.bytes_outliers = m.outliers;
+  st.bytes_full_precision = m.full_precision;
+  st.bytes_calibration = m.calibration;
+  return st;
+}
+
+}  // namespace
+
+KvStats kv_memory_estimate(const Model& model, const SessionParams& params, int64_t n_tokens) {
+  const LlamaHparams& hp = model.impl().llama.hparams();
+  SessionParams p = params;
+  if (n_tokens < 0) fail("token count {} is negative", n_tokens);
+  if (p.n_ctx <= 0) p.n_ctx = std::max<int64_t>(n_tokens, 1);
+  const KvCacheConfig cfg = cache_config(hp, p);
+  return make_stats(cfg, n_tokens, KvCache::memory_for(cfg, n_tokens, p.n_batch));
+}
+
 KvStats Session::kv_stats() const {
   const KvCache& c = impl_->cache;
-  KvStats st;
-  st.type_k = std::string(c.config().k_format->name);
-  st.type_v = std::string(c.config().v_format->name);
-  st.n_tokens = c.n_tokens();
-  st.n_ctx = c.config().n_ctx;
-  st.bytes_k = c.bytes_k();
-  st.bytes_v = c.bytes_v();
-  return st;
+  return make_stats(c.config(), c.n_tokens(), c.memory());
 }
 
 }  // namespace kvq

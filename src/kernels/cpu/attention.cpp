@@ -8,6 +8,7 @@
 
 #include "base/cpu.h"
 #include "base/error.h"
+#include "base/fp16.h"
 #include "base/threads.h"
 #include "kernels/cpu/attention_tile.h"
 
@@ -121,10 +122,27 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
       for (int64_t p = p0; p < p1; ++p) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
-        kv.decode_keys(p, kvh, sc.kt.data());
-        kv.decode_values(p, kvh, sc.v.data());
-        tile_step({sc.q.data(), rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + p * kTile,
-                   sc.row_pos.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data()});
+        const int64_t s0 = p * kTile, s1 = s0 + n;
+        // Recent window: slots >= fp_all are full precision for every query of the
+        // block, slots >= fp_some for its earliest one. Where the two differ inside
+        // this tile, each query token gets the tile as it alone sees it.
+        const int64_t fp_all = kv.window_from(max_pos), fp_some = kv.window_from(a.q_pos[t0]);
+        if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
+          kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
+          kv.decode_values(p, kvh, sc.v.data(), fp_all);
+          tile_step({sc.q.data(), rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0, sc.row_pos.data(),
+                     sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data()});
+          continue;
+        }
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t fp = kv.window_from(a.q_pos[t]);
+          const int64_t r0 = (t - t0) * group;
+          kv.decode_keys(p, kvh, sc.kt.data(), fp);
+          kv.decode_values(p, kvh, sc.v.data(), fp);
+          tile_step({sc.q.data() + r0 * hd, group, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+                     sc.row_pos.data() + r0, sc.m.data() + r0, sc.l.data() + r0, sc.acc.data() + r0 * hd,
+                     sc.s.data()});
+        }
       }
       if (n_split == 1) {
         for (int r = 0; r < rows; ++r) {
@@ -181,7 +199,11 @@ void attention_ref(const AttentionArgs& a) {
   const KvLayerView& kv = a.kv;
   const int hd = kv.head_dim;
   const int group = a.n_heads / kv.n_kv_heads;
+  const int64_t row = int64_t(kv.n_kv_heads) * hd;
+  // Per slot: the key/value as decoded from the codes (sink slots from the sink
+  // store), and as the recent-window store holds it (where it holds it).
   std::vector<float> k(size_t(kv.n_tokens) * hd), v(size_t(kv.n_tokens) * hd), tile(size_t(hd) * kTile);
+  std::vector<float> kw(size_t(kv.n_tokens) * hd), vw(size_t(kv.n_tokens) * hd);
   std::vector<double> score(size_t(kv.n_tokens));
   for (int h = 0; h < kv.n_kv_heads; ++h) {
     // Every key and value of this head as the cache decodes them; pre-RoPE
@@ -192,20 +214,39 @@ void attention_ref(const AttentionArgs& a) {
       for (int j = 0; j < n; ++j) {
         float* key = &k[(p * kTile + j) * hd];
         for (int d = 0; d < hd; ++d) key[d] = tile[size_t(d) * kTile + j];
-        if (kv.keys_pre_rope) kv.rope->apply(key, 1, kv.positions[p * kTile + j]);
       }
       kv.v_codec->decode(kv.pages[p] + kv.v_offset, h, n, tile.data());
       std::copy_n(tile.data(), size_t(n) * hd, &v[p * kTile * hd]);
     }
+    for (int64_t i = 0; i < kv.n_tokens; ++i) {
+      for (int d = 0; d < hd; ++d) {
+        if (i < kv.sink_tokens) {
+          k[i * hd + d] = fp16_to_f32(kv.sink_k[i * row + h * hd + d]);
+          v[i * hd + d] = fp16_to_f32(kv.sink_v[i * row + h * hd + d]);
+        }
+        if (kv.window_tokens > 0 && i >= kv.window_first) {
+          kw[i * hd + d] = fp16_to_f32(kv.window_k[(i % kv.window_capacity) * row + h * hd + d]);
+          vw[i * hd + d] = fp16_to_f32(kv.window_v[(i % kv.window_capacity) * row + h * hd + d]);
+        }
+      }
+      if (kv.keys_pre_rope) {
+        kv.rope->apply(&k[i * hd], 1, kv.positions[i]);
+        kv.rope->apply(&kw[i * hd], 1, kv.positions[i]);
+      }
+    }
     for (int64_t t = 0; t < a.n_q; ++t) {
+      auto full_precision = [&](int64_t i) {
+        return kv.window_tokens > 0 && int64_t(kv.positions[i]) > int64_t(a.q_pos[t]) - kv.window_tokens;
+      };
       for (int g = 0; g < group; ++g) {
         const int qh = h * group + g;
         const float* q = a.q + (t * a.n_heads + qh) * hd;
         double mx = -INFINITY;
         int64_t n_vis = 0;
         for (int64_t i = 0; i < kv.n_tokens && kv.positions[i] <= a.q_pos[t]; ++i, ++n_vis) {
+          const float* key = full_precision(i) ? &kw[i * hd] : &k[i * hd];
           double dot = 0;
-          for (int d = 0; d < hd; ++d) dot += double(q[d]) * k[i * hd + d];
+          for (int d = 0; d < hd; ++d) dot += double(q[d]) * key[d];
           score[i] = dot * a.scale;
           mx = std::max(mx, score[i]);
         }
@@ -214,7 +255,7 @@ void attention_ref(const AttentionArgs& a) {
         float* out = a.out + (t * a.n_heads + qh) * hd;
         for (int d = 0; d < hd; ++d) {
           double o = 0;
-          for (int64_t i = 0; i < n_vis; ++i) o += score[i] * v[i * hd + d];
+          for (int64_t i = 0; i < n_vis; ++i) o += score[i] * (full_precision(i) ? vw : v)[i * hd + d];
           out[d] = n_vis ? float(o / sum) : 0.0f;
         }
       }
