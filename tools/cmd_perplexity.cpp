@@ -26,7 +26,7 @@ struct PerplexityOptions {
   int64_t n_ctx = 512;
   int n_batch = 512;
   std::string type_k = "f16", type_v = "f16";
-  KvCacheFlags kv;
+  KvCacheOptions kv;
   int64_t chunks = 0;  // 0: every window
   std::string protocol = "kvquant";
   std::string compare;                 // baseline cache "K[/V]" (empty: no comparison)
@@ -43,7 +43,7 @@ struct CacheConfig {
 };
 
 // "K[/V][+sinkN][+winN]", e.g. "nuq3-1%", "nuq4-1%/f16+sink0", "int3+win64".
-CacheConfig parse_cache_spec(const std::string& spec, const KvCacheFlags& defaults) {
+CacheConfig parse_cache_spec(const std::string& spec, const KvCacheOptions& defaults) {
   CacheConfig c;
   c.label = spec;
   c.sink = defaults.sink;
@@ -143,7 +143,7 @@ int perplexity(const PerplexityOptions& o) {
   const bool comparing = !o.compare.empty();
   std::vector<CacheConfig> configs;
   if (comparing) {
-    CacheConfig base = parse_cache_spec(o.compare, KvCacheFlags{});
+    CacheConfig base = parse_cache_spec(o.compare, KvCacheOptions{});
     base.sink = base.sink < 0 ? 0 : base.sink;
     configs.push_back(base);
   }

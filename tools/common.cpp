@@ -114,20 +114,29 @@ void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_
       ->capture_default_str();
 }
 
-void add_kv_cache_flags(CLI::App& app, KvCacheFlags& flags) {
-  app.add_option("--kv-calib", flags.calibration,
-                 "calibration sidecar for KVQuant formats (default: <model>.kvcalib.gguf; see kvq calibrate)")
-      ->type_name("FILE");
-  app.add_option("--kv-sink", flags.sink,
-                 "first N tokens kept in full precision (default: 1 for KVQuant formats, 0 otherwise)")
-      ->type_name("N")
-      ->check(int_range(0, 1 << 20));
-  app.add_option("--kv-window", flags.window, "most recent N tokens kept in full precision (default: 0, off)")
-      ->type_name("N")
-      ->check(int_range(0, kMaxCtx));
+void add_json_flag(CLI::App& app, bool& json, const std::string& help) { app.add_flag("--json", json, help); }
+
+void KvCacheOptions::apply_to(SessionParams& sp) const {
+  sp.kv_sink = sink;
+  sp.kv_window = window;
+  sp.kv_calibration = calibration;
 }
 
-void add_json_flag(CLI::App& app, bool& json, const std::string& help) { app.add_flag("--json", json, help); }
+void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv) {
+  app.add_option("--kv-sink", kv.sink,
+                 "first tokens of the context kept in full precision (attention sink); -1 = the format's default "
+                 "(1 for KVQuant formats, 0 otherwise)")
+      ->type_name("N")
+      ->check(int_range(-1, kMaxCtx))
+      ->capture_default_str();
+  app.add_option("--kv-window", kv.window, "most recent tokens kept in full precision; 0 = off")
+      ->type_name("N")
+      ->check(int_range(0, kMaxCtx))
+      ->capture_default_str();
+  app.add_option("--kv-calib", kv.calibration,
+                 "calibration sidecar for KV formats that need one (default: <model>.kvcalib.gguf)")
+      ->type_name("FILE");
+}
 
 std::string resolved_model_path(const std::string& path) { return path.empty() ? default_model_path() : path; }
 

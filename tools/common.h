@@ -37,19 +37,16 @@ void add_batch_flag(CLI::App& app, int& n_batch);
 void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_v);
 void add_json_flag(CLI::App& app, bool& json, const std::string& help);
 
-// KV cache options beyond the two formats: calibration sidecar, full-precision
-// attention sink and recent window.
-struct KvCacheFlags {
-  std::string calibration;  // empty: the model's default sidecar path
+// KV cache settings beyond the formats (attention sink, full-precision window,
+// calibration sidecar): --kv-sink, --kv-window, --kv-calib. Defaults are the
+// SessionParams defaults; apply_to copies them into the session's parameters.
+struct KvCacheOptions {
   int sink = -1;            // -1: the format's default
-  int64_t window = 0;
-  void apply(SessionParams& params) const {
-    params.kv_calibration = calibration;
-    params.kv_sink = sink;
-    params.kv_window = window;
-  }
+  int64_t window = 0;       // 0: off
+  std::string calibration;  // empty: the model's default sidecar path
+  void apply_to(SessionParams& sp) const;
 };
-void add_kv_cache_flags(CLI::App& app, KvCacheFlags& flags);
+void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);
 
 // Numeric validators whose messages read well ("must be >= 0, got -5").
 CLI::Validator int_range(int64_t lo, int64_t hi);
@@ -118,5 +115,6 @@ Command register_run(CLI::App& app);
 Command register_perplexity(CLI::App& app);
 Command register_info(CLI::App& app);
 Command register_bench(CLI::App& app);
+Command register_passkey(CLI::App& app);
 
 }  // namespace kvq::cli

@@ -14,9 +14,11 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 
 import gguf  # a missing package must fail the test, not skip it
+import make_tiny_llama
 import numpy as np
 import pytest
 
@@ -117,7 +119,7 @@ def test_no_subcommand_prints_help_and_fails():
     assert "run" in text(p.stderr) and "perplexity" in text(p.stderr)
 
 
-@pytest.mark.parametrize("sub", ["run", "perplexity", "info", "bench"])
+@pytest.mark.parametrize("sub", ["run", "perplexity", "info", "bench", "passkey"])
 def test_help_succeeds(sub):
     p = run_kvq(sub, "--help")
     assert p.returncode == 0, text(p.stderr)
@@ -146,6 +148,16 @@ def test_bad_values(flags):
 
 def test_system_needs_chat():
     assert_clean_error(run_kvq("run", "-p", "hi", "--system", "be brief"), code=2, mentions=("--chat",))
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--lengths", "32"], "--lengths"), (["--lengths", "2048,63"], "--lengths"), (["--lengths", "abc"], "--lengths"),
+    (["--depths", "1.5"], "--depths"), (["--depths", "0.5,-0.25"], "--depths"), (["--depths", "x"], "--depths"),
+    (["--trials", "0"], "--trials"), (["--kv-sink", "-2"], "--kv-sink"), (["--kv-window", "-1"], "--kv-window"),
+    (["-ctk", "nope"], "--cache-type-k")])
+def test_passkey_bad_flags(flags, names):
+    # Checked while parsing: no model is loaded, so this needs none.
+    assert_clean_error(run_kvq("passkey", *flags), code=2, mentions=(names,))
 
 
 def test_perplexity_needs_a_text_file():
@@ -290,3 +302,75 @@ def test_bench_json(model):
     assert set(tests) == {"pp32", "tg8"}
     assert tests["pp32"]["avg_ts"] > 0 and tests["tg8"]["avg_ts"] > 0
     assert tests["tg8"]["bytes_per_token"] > out["weight_bytes"] * 0.99
+
+
+FIVE_DIGITS = re.compile(r"(?<![0-9])[0-9]{5}(?![0-9])")
+
+
+def test_passkey_json_is_honest(model):
+    p = run_kvq("passkey", "-m", model, "--lengths", "256", "--depths", "0.5",
+                "-ctk", "f16", "-ctv", "f16", "--seed", "7", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    assert (out["type_k"], out["type_v"]) == ("f16", "f16")
+    assert out["lengths"] == [256] and out["depths"] == [0.5] and out["trials"] == 1
+    assert out["kv_sink"] == -1 and out["kv_window"] == 0 and out["seed"] == 7
+    assert out["chat_template"] is False and out["warnings"] == []
+    results = out["results"]
+    assert len(results) == 1
+    for r in results:
+        assert (r["length"], r["depth"]) == (256, 0.5)
+        assert re.fullmatch(r"[1-9][0-9]{4}", r["expected"]), r
+        # As much filler as fits: close to the length, never over it.
+        assert 200 < r["prompt_tokens"] <= 256, r
+        assert 0 < r["needle_position"] < r["prompt_tokens"], r
+        # 'got' is what the model really wrote: the first 5-digit number of its output.
+        m = FIVE_DIGITS.search(r["output"])
+        assert r["got"] == (m.group(0) if m else None), r
+        assert r["found"] == (r["got"] == r["expected"]), r
+        assert r["prefill_seconds"] > 0
+    (per,) = out["per_length"]
+    n_found = sum(r["found"] for r in results)
+    assert per["length"] == 256 and per["n_ctx"] == 256 + out["answer_tokens"]
+    assert per["trials"] == 1 and per["found"] == n_found
+    assert math.isclose(per["accuracy"], n_found)
+    assert per["prefill_tokens"] == sum(r["prompt_tokens"] for r in results)
+    assert per["prefill_tokens_per_s"] > 0 and per["kv_bytes"] > 0
+    assert out["found"] == n_found and out["total"] == 1
+    assert math.isclose(out["accuracy"], n_found)
+    assert out["seconds"] > 0
+
+
+def test_passkey_table(model):
+    p = run_kvq("passkey", "-m", model, "--lengths", "96", "--depths", "1")
+    assert p.returncode == 0, text(p.stderr)
+    out = text(p.stdout)
+    assert "| length | prompt tokens | depth 1 | accuracy | prefill tokens/s |" in out, out
+    assert "| 96 |" in out and "overall:" in out, out
+
+
+def test_passkey_past_training_context_warns_and_runs(tmp_path):
+    # The tiny random model has a 256-token training context and a byte-level
+    # tokenizer: a 300-token prompt is warned about, not refused, and its (random)
+    # answer is still reported honestly.
+    tiny = tmp_path / "tiny.gguf"
+    make_tiny_llama.write_tiny_llama(str(tiny), "f32", seed=7)
+    p = run_kvq("passkey", "-m", str(tiny), "--lengths", "300", "--depths", "0.5", "--trials", "3", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    assert "warning" in text(p.stderr) and "256" in text(p.stderr)
+    out = json.loads(p.stdout)
+    assert len(out["warnings"]) == 1 and "300" in out["warnings"][0]
+    results = out["results"]
+    assert len({r["expected"] for r in results}) == 3, "each trial draws its own key"
+    for r in results:
+        assert 250 < r["prompt_tokens"] <= 300, r
+        m = FIVE_DIGITS.search(r["output"])
+        assert r["got"] == (m.group(0) if m else None), r
+        assert r["found"] == (r["got"] == r["expected"]), r
+
+
+def test_passkey_length_too_short_for_the_prompt(tmp_path):
+    tiny = tmp_path / "tiny.gguf"
+    make_tiny_llama.write_tiny_llama(str(tiny), "f32", seed=7)
+    # Byte-level tokens: instruction, needle and question alone take ~200.
+    assert_clean_error(run_kvq("passkey", "-m", str(tiny), "--lengths", "64"), code=2, mentions=("--lengths",))

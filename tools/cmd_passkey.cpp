@@ -1,0 +1,392 @@
+// kvq passkey: long-context retrieval check. A random 5-digit pass key is hidden
+// at a chosen depth of a long, repetitive filler text; the model must repeat it
+// when asked at the end (greedy decoding). Perplexity averages over every token
+// and hides damage to the few far-away tokens that matter; this test needs the
+// cache to keep one specific old token intact across thousands of positions.
+//
+// The prompt is plain completion text (no chat template): small base-ish models
+// continue "The pass key is" far more reliably than they answer a chat turn.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <iterator>
+#include <optional>
+#include <random>
+
+#include "common.h"
+
+namespace kvq::cli {
+namespace {
+
+struct PasskeyOptions {
+  std::string model;
+  int threads = 0;
+  int n_batch = 512;
+  std::string type_k = "f16", type_v = "f16";
+  KvCacheOptions kv;
+  std::vector<int64_t> lengths{2048, 4096, 8192};
+  std::vector<double> depths{0.1, 0.5, 0.9};
+  int trials = 1;
+  uint64_t seed = 1234;
+  bool json = false;
+};
+
+// Tokens generated after the question: room for a space, five digits and a bit.
+constexpr int kAnswerTokens = 8;
+constexpr int64_t kMinLength = 64;
+
+constexpr std::string_view kInstruction =
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and remember it. "
+    "I will ask you for the pass key at the end.";
+// Filler: these sentences in a cycle, as many as fit. Neutral, says nothing about
+// numbers or keys; one sentence (~8 tokens) is the granularity of the fit.
+constexpr std::string_view kFiller[] = {
+    " The river runs past the old mill.", " The hills are quiet in the morning.", " A bird sits on the fence.",
+    " The road goes on and on.", " Here we are again."};
+constexpr size_t kFillerCount = std::size(kFiller);
+constexpr std::string_view kQuestion = " What is the pass key? The pass key is";
+
+std::string needle_sentence(const std::string& key) {
+  return fmt::format(" The pass key is {0}. Remember it. {0} is the pass key.", key);
+}
+
+struct Prompt {
+  std::vector<int32_t> tokens;
+  int64_t filler_units = 0;     // filler sentences in the whole prompt
+  int64_t needle_position = 0;  // token index where the needle sentence starts (approximately: tokenizer merges)
+};
+
+// `units` filler sentences with the needle after round(depth * units) of them.
+std::string prompt_text(const std::string& key, double depth, int64_t units, int64_t* before_needle_chars) {
+  const auto before = int64_t(std::llround(depth * double(units)));
+  std::string text(kInstruction);
+  text.reserve(text.size() + size_t(units) * 40 + 128);
+  for (int64_t i = 0; i < before; ++i) text += kFiller[size_t(i) % kFillerCount];
+  if (before_needle_chars) *before_needle_chars = int64_t(text.size());
+  text += needle_sentence(key);
+  for (int64_t i = before; i < units; ++i) text += kFiller[size_t(i) % kFillerCount];
+  text += kQuestion;
+  return text;
+}
+
+// The longest prompt (most filler sentences) that tokenizes to at most `length` tokens.
+Prompt build_prompt(const Model& model, const std::string& key, double depth, int64_t length) {
+  const bool bos = model.add_bos_default();
+  auto count = [&](int64_t units) {
+    return int64_t(model.tokenize(prompt_text(key, depth, units, nullptr), bos).size());
+  };
+  const int64_t bare = count(0);
+  if (bare > length)
+    throw UsageError(fmt::format("--lengths: {} tokens cannot hold the instruction, pass key and question "
+                                 "({} tokens with no filler)",
+                                 length, bare));
+  // Bracket the answer: lo fits, hi does not.
+  const int64_t per_unit = std::max<int64_t>(1, count(1) - bare);
+  int64_t lo = 0, hi = std::max<int64_t>(1, (length - bare) / per_unit + 1);
+  while (count(hi) <= length) {
+    lo = hi;
+    hi *= 2;
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (count(mid) <= length ? lo : hi) = mid;
+  }
+  Prompt p;
+  int64_t before_chars = 0;
+  const std::string text = prompt_text(key, depth, lo, &before_chars);
+  p.tokens = model.tokenize(text, bos);
+  p.filler_units = lo;
+  p.needle_position = int64_t(model.tokenize(std::string_view(text).substr(0, size_t(before_chars)), bos).size());
+  return p;
+}
+
+// The first run of exactly five digits (not part of a longer number), if any.
+std::optional<std::string> first_five_digits(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    if (s[i] < '0' || s[i] > '9') {
+      ++i;
+      continue;
+    }
+    size_t j = i;
+    while (j < s.size() && s[j] >= '0' && s[j] <= '9') ++j;
+    if (j - i == 5) return s.substr(i, 5);
+    i = j;
+  }
+  return std::nullopt;
+}
+
+struct TrialResult {
+  int64_t length = 0;  // requested
+  double depth = 0;
+  int trial = 0;
+  int64_t prompt_tokens = 0, needle_position = 0, filler_units = 0;
+  std::string expected;
+  std::optional<std::string> got;
+  std::string output;
+  bool found = false;
+  double prefill_s = 0, decode_s = 0;
+};
+
+struct LengthSummary {
+  int64_t length = 0, n_ctx = 0;
+  int n = 0, n_found = 0;
+  int64_t prefill_tokens = 0;
+  double prefill_s = 0, decode_s = 0;
+  uint64_t kv_bytes = 0;
+  double accuracy() const { return n > 0 ? double(n_found) / double(n) : 0.0; }
+  double prefill_tps() const { return prefill_s > 0 ? double(prefill_tokens) / prefill_s : 0.0; }
+};
+
+std::string cell_text(const TrialResult& r) {
+  if (r.found) return "found";
+  return r.got ? fmt::format("got {}", *r.got) : "got no key";
+}
+
+std::string depth_label(double d) { return fmt::format("{:g}", d); }
+
+int passkey(const PasskeyOptions& o) {
+  Stopwatch total_clock;
+  auto model = load_model(o.model);
+  const ModelInfo& info = model->info();
+
+  std::vector<std::string> warnings;
+  for (int64_t L : o.lengths)
+    if (info.n_ctx_train > 0 && L > info.n_ctx_train) {
+      warnings.push_back(fmt::format("length {} is longer than the model's training context {}: failures there "
+                                     "say little about the KV cache",
+                                     L, info.n_ctx_train));
+      fmt::print(stderr, "kvq: warning: {}\n", warnings.back());
+    }
+
+  // Every length must hold the prompt without filler: refuse before any long run starts.
+  const int64_t bare =
+      int64_t(model->tokenize(prompt_text("12345", 0.5, 0, nullptr), model->add_bos_default()).size());
+  for (int64_t L : o.lengths)
+    if (L < bare)
+      throw UsageError(fmt::format("--lengths: {} tokens cannot hold the instruction, pass key and question "
+                                   "({} tokens with no filler)",
+                                   L, bare));
+
+  const bool progress = stderr_is_tty();
+  const int64_t n_runs = int64_t(o.lengths.size() * o.depths.size()) * o.trials;
+  int64_t run_index = 0;
+  std::mt19937_64 rng(o.seed);
+  std::uniform_int_distribution<int> key_dist(10000, 99999);
+
+  SamplerParams greedy;
+  greedy.temperature = 0;
+  std::vector<TrialResult> results;
+  std::vector<LengthSummary> summaries;
+  int threads_used = 0;
+
+  for (int64_t length : o.lengths) {
+    LengthSummary sum;
+    sum.length = length;
+    SessionParams sp;
+    sp.n_ctx = length + kAnswerTokens;
+    sp.n_threads = o.threads;
+    sp.n_batch = o.n_batch;
+    sp.cache_type_k = o.type_k;
+    sp.cache_type_v = o.type_v;
+    o.kv.apply_to(sp);
+    Session session(model, sp);  // one allocation per length; reset() between trials
+    threads_used = session.n_threads();
+    sum.n_ctx = session.n_ctx();
+
+    for (double depth : o.depths) {
+      for (int trial = 0; trial < o.trials; ++trial) {
+        TrialResult r;
+        r.length = length;
+        r.depth = depth;
+        r.trial = trial;
+        r.expected = fmt::format("{}", key_dist(rng));
+        if (progress) {
+          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: building the prompt   ", run_index + 1, n_runs,
+                     length, depth_label(depth), trial + 1);
+          std::fflush(stderr);
+        }
+        const Prompt prompt = build_prompt(*model, r.expected, depth, length);
+        r.prompt_tokens = int64_t(prompt.tokens.size());
+        r.needle_position = prompt.needle_position;
+        r.filler_units = prompt.filler_units;
+        if (progress) {
+          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: prefill of {} tokens   ", run_index + 1, n_runs,
+                     length, depth_label(depth), trial + 1, r.prompt_tokens);
+          std::fflush(stderr);
+        }
+
+        session.reset();
+        Sampler sampler(greedy);
+        Stopwatch prefill_clock;
+        std::span<const float> logits = session.eval(prompt.tokens);
+        r.prefill_s = prefill_clock.seconds();
+
+        Stopwatch decode_clock;
+        std::vector<int32_t> generated;
+        for (int i = 0; i < kAnswerTokens; ++i) {
+          const int32_t token = sampler.sample(logits);
+          if (model->is_end_of_generation(token)) break;
+          generated.push_back(token);
+          if (i + 1 == kAnswerTokens) break;
+          const int32_t one[1] = {token};
+          logits = session.eval(one);
+        }
+        r.decode_s = decode_clock.seconds();
+        r.output = model->detokenize(generated);
+        r.got = first_five_digits(r.output);
+        r.found = r.got && *r.got == r.expected;
+
+        sum.n += 1;
+        sum.n_found += r.found ? 1 : 0;
+        sum.prefill_tokens += r.prompt_tokens;
+        sum.prefill_s += r.prefill_s;
+        sum.decode_s += r.decode_s;
+        ++run_index;
+        if (progress) {
+          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: {} ({:.0f} tokens/s)        ", run_index, n_runs,
+                     length, depth_label(depth), trial + 1, cell_text(r),
+                     r.prefill_s > 0 ? double(r.prompt_tokens) / r.prefill_s : 0.0);
+          std::fflush(stderr);
+        }
+        results.push_back(std::move(r));
+      }
+    }
+    sum.kv_bytes = session.kv_stats().bytes();
+    summaries.push_back(sum);
+  }
+  if (progress) fmt::print(stderr, "\n");
+
+  int n_found = 0;
+  for (const auto& r : results) n_found += r.found ? 1 : 0;
+  const double accuracy = results.empty() ? 0.0 : double(n_found) / double(results.size());
+  const double total_s = total_clock.seconds();
+  const std::string model_path = info.path.empty() ? resolved_model_path(o.model) : info.path;
+
+  if (o.json) {
+    nlohmann::json jr = nlohmann::json::array();
+    for (const auto& r : results)
+      jr.push_back({{"length", r.length},
+                    {"depth", r.depth},
+                    {"trial", r.trial},
+                    {"prompt_tokens", r.prompt_tokens},
+                    {"needle_position", r.needle_position},
+                    {"filler_sentences", r.filler_units},
+                    {"expected", r.expected},
+                    {"got", r.got ? nlohmann::json(*r.got) : nlohmann::json(nullptr)},
+                    {"output", r.output},
+                    {"found", r.found},
+                    {"prefill_seconds", r.prefill_s},
+                    {"decode_seconds", r.decode_s}});
+    nlohmann::json jl = nlohmann::json::array();
+    for (const auto& s : summaries)
+      jl.push_back({{"length", s.length},
+                    {"n_ctx", s.n_ctx},
+                    {"trials", s.n},
+                    {"found", s.n_found},
+                    {"accuracy", s.accuracy()},
+                    {"prefill_tokens", s.prefill_tokens},
+                    {"prefill_seconds", s.prefill_s},
+                    {"prefill_tokens_per_s", s.prefill_tps()},
+                    {"decode_seconds", s.decode_s},
+                    {"kv_bytes", s.kv_bytes}});
+    nlohmann::json j = {
+        {"model", model_path},
+        {"n_ctx_train", info.n_ctx_train},
+        {"type_k", o.type_k},
+        {"type_v", o.type_v},
+        {"kv_sink", o.kv.sink},
+        {"kv_window", o.kv.window},
+        {"kv_calibration", o.kv.calibration},
+        {"lengths", o.lengths},
+        {"depths", o.depths},
+        {"trials", o.trials},
+        {"seed", o.seed},
+        {"threads", threads_used},
+        {"answer_tokens", kAnswerTokens},
+        {"chat_template", false},
+        {"results", jr},
+        {"per_length", jl},
+        {"found", n_found},
+        {"total", results.size()},
+        {"accuracy", accuracy},
+        {"seconds", total_s},
+        {"warnings", warnings},
+    };
+    write_stdout(dump_json(j) + "\n");
+    return 0;
+  }
+
+  std::string out = fmt::format("passkey retrieval: KV {} / {}, sink {}, window {}, {} trial(s) per cell, seed {}\n\n",
+                                o.type_k, o.type_v, o.kv.sink < 0 ? "default" : std::to_string(o.kv.sink),
+                                o.kv.window, o.trials, o.seed);
+  out += "| length | prompt tokens |";
+  for (double d : o.depths) out += fmt::format(" depth {} |", depth_label(d));
+  out += " accuracy | prefill tokens/s |\n| ---: | ---: |";
+  for (size_t i = 0; i < o.depths.size(); ++i) out += " --- |";
+  out += " ---: | ---: |\n";
+  size_t k = 0;
+  for (const auto& s : summaries) {
+    int64_t max_tokens = 0;
+    std::string cells;
+    for (size_t d = 0; d < o.depths.size(); ++d) {
+      std::string cell;
+      for (int t = 0; t < o.trials; ++t, ++k) {
+        const TrialResult& r = results[k];
+        max_tokens = std::max(max_tokens, r.prompt_tokens);
+        cell += (t ? ", " : "") + cell_text(r);
+      }
+      cells += " " + cell + " |";
+    }
+    out += fmt::format("| {} | {} |{} {}/{} ({:.0f}%) | {:.1f} |\n", s.length, max_tokens, cells, s.n_found, s.n,
+                       100.0 * s.accuracy(), s.prefill_tps());
+  }
+  out += fmt::format("\noverall: {}/{} found ({:.0f}%) in {:.1f} s, {} threads\n", n_found, results.size(),
+                     100.0 * accuracy, total_s, threads_used);
+  write_stdout(out);
+  return 0;
+}
+
+}  // namespace
+
+Command register_passkey(CLI::App& app) {
+  auto o = std::make_shared<PasskeyOptions>();
+  CLI::App* sub = app.add_subcommand("passkey", "long-context retrieval: find a pass key hidden in filler text");
+  sub->footer(
+      "A random 5-digit pass key is hidden at each depth (0 = start, 1 = end) of a filler\n"
+      "text; the prompt ends with \"What is the pass key? The pass key is\" and the model\n"
+      "answers greedily (8 tokens). Found = the first 5-digit number in the answer is the\n"
+      "key. The prompt is plain text: the chat template is not applied (small models\n"
+      "complete plain text more reliably). Each prompt holds as much filler as fits in\n"
+      "the length (in tokens); the context is the length + 8 tokens for the answer.\n"
+      "Examples:\n"
+      "  kvq passkey\n"
+      "  kvq passkey --lengths 2048,4096 --depths 0,0.25,0.5,0.75,1 --trials 3\n"
+      "  kvq passkey -ctk f32 -ctv f32 --json");
+  add_model_flag(*sub, o->model);
+  add_threads_flag(*sub, o->threads);
+  add_batch_flag(*sub, o->n_batch);
+  add_cache_type_flags(*sub, o->type_k, o->type_v);
+  add_kv_cache_flags(*sub, o->kv);
+  sub->add_option("--lengths", o->lengths, "prompt lengths in tokens (at least 64)")
+      ->type_name("N[,N...]")
+      ->delimiter(',')
+      ->check(int_range(kMinLength, kMaxCtx - kAnswerTokens))
+      ->capture_default_str();
+  sub->add_option("--depths", o->depths, "where the pass key sits, relative: 0 = start of the filler, 1 = end")
+      ->type_name("D[,D...]")
+      ->delimiter(',')
+      ->check(float_range(0.0, 1.0))
+      ->capture_default_str();
+  sub->add_option("--trials", o->trials, "random keys per length and depth")
+      ->type_name("N")
+      ->check(int_range(1, 1000))
+      ->capture_default_str();
+  sub->add_option("-s,--seed", o->seed, "seed of the random keys")->type_name("S")->capture_default_str();
+  add_json_flag(*sub, o->json, "print every result as one JSON object (progress still goes to stderr)");
+  return [o] { return passkey(*o); };
+}
+
+}  // namespace kvq::cli
