@@ -19,6 +19,7 @@ struct BenchOptions {
   std::vector<int64_t> n_gen{128};
   std::vector<int64_t> depths{0};
   std::vector<std::string> types_k{"f16"}, types_v{"f16"};
+  KvCacheOptions kv;
   int reps = 3;
   uint64_t seed = 1234;
   bool json = false;
@@ -80,8 +81,9 @@ int bench(const BenchOptions& o) {
         sp.n_ctx = round_up(depth + max_p + max_n, 256);
         sp.n_threads = o.threads;
         sp.n_batch = o.n_batch;
-        sp.cache_type_k = tk;
-        sp.cache_type_v = tv;
+        sp.cache_type_k = resolve_cache_type(tk, *model, o.kv, o.json);
+        sp.cache_type_v = resolve_cache_type(tv, *model, o.kv, o.json);
+        o.kv.apply_to(sp);
         Session session(model, sp);
         threads_used = session.n_threads();
         const std::vector<int32_t> prefix = random_tokens(rng, m.n_vocab, depth);
@@ -235,6 +237,7 @@ Command register_bench(CLI::App& app) {
       ->delimiter(',')
       ->check(kv_format_validator())
       ->capture_default_str();
+  add_kv_cache_flags(*sub, o->kv);
   sub->add_option("--seed", o->seed, "seed of the random token ids")->type_name("S")->capture_default_str();
   add_json_flag(*sub, o->json, "print the results as one JSON object (progress still goes to stderr)");
   return [o] { return bench(*o); };

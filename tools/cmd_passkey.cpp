@@ -24,7 +24,7 @@ struct PasskeyOptions {
   std::string model;
   int threads = 0;
   int n_batch = 512;
-  std::string type_k = "f16", type_v = "f16";
+  std::string type_k = "auto", type_v = "auto";
   KvCacheOptions kv;
   std::vector<int64_t> lengths{2048, 4096, 8192};
   std::vector<double> depths{0.1, 0.5, 0.9};
@@ -147,9 +147,12 @@ std::string cell_text(const TrialResult& r) {
 
 std::string depth_label(double d) { return fmt::format("{:g}", d); }
 
-int passkey(const PasskeyOptions& o) {
+int passkey(const PasskeyOptions& options) {
+  PasskeyOptions o = options;
   Stopwatch total_clock;
   auto model = load_model(o.model);
+  o.type_k = resolve_cache_type(o.type_k, *model, o.kv, o.json);
+  o.type_v = resolve_cache_type(o.type_v, *model, o.kv, o.json);
   const ModelInfo& info = model->info();
 
   std::vector<std::string> warnings;

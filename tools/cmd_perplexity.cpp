@@ -147,14 +147,14 @@ int perplexity(const PerplexityOptions& o) {
     base.sink = base.sink < 0 ? 0 : base.sink;
     configs.push_back(base);
   }
+  auto model = load_model(o.model);
   if (o.sweep.empty()) {
-    CacheConfig c{o.type_k == o.type_v ? o.type_k : o.type_k + "/" + o.type_v, o.type_k, o.type_v, o.kv.sink,
-                  o.kv.window};
-    configs.push_back(c);
+    const std::string tk = resolve_cache_type(o.type_k, *model, o.kv, o.json);
+    const std::string tv = resolve_cache_type(o.type_v, *model, o.kv, o.json);
+    configs.push_back(CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window});
   }
   for (const std::string& spec : o.sweep) configs.push_back(parse_cache_spec(spec, o.kv));
 
-  auto model = load_model(o.model);
   const ModelInfo& info = model->info();
   const bool llamacpp = o.protocol == "llamacpp";
 

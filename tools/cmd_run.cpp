@@ -16,7 +16,8 @@ struct RunOptions {
   int threads = 0;
   int64_t n_ctx = 0;  // 0: min(4096, training context)
   int n_batch = 512;
-  std::string type_k = "f16", type_v = "f16";
+  std::string type_k = "auto", type_v = "auto";
+  KvCacheOptions kv;
   std::string prompt, prompt_file;
   int64_t n_predict = 128;
   float temperature = 0.8f;
@@ -73,8 +74,9 @@ int run(const RunOptions& o) {
                          : (info.n_ctx_train > 0 ? std::min<int64_t>(kDefaultRunCtx, info.n_ctx_train) : kDefaultRunCtx);
   sp.n_threads = o.threads;
   sp.n_batch = o.n_batch;
-  sp.cache_type_k = o.type_k;
-  sp.cache_type_v = o.type_v;
+  sp.cache_type_k = resolve_cache_type(o.type_k, *model, o.kv, o.json);
+  sp.cache_type_v = resolve_cache_type(o.type_v, *model, o.kv, o.json);
+  o.kv.apply_to(sp);
   if (int64_t(prompt.size()) >= sp.n_ctx)
     throw Error(fmt::format("the prompt is {} tokens but the context holds {} (and needs room to generate): "
                             "raise -c/--ctx-size or shorten the prompt",
@@ -200,6 +202,7 @@ Command register_run(CLI::App& app) {
   add_ctx_flag(*sub, o->n_ctx, 16, fmt::format("context size in tokens (default: {} or the training context if smaller)", kDefaultRunCtx));
   add_batch_flag(*sub, o->n_batch);
   add_cache_type_flags(*sub, o->type_k, o->type_v);
+  add_kv_cache_flags(*sub, o->kv);
   sub->add_option("--temp", o->temperature, "sampling temperature; 0 = greedy (always the most likely token)")
       ->type_name("T")
       ->check(float_range(0.0, 100.0))

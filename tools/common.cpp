@@ -93,10 +93,24 @@ const KvFormatInfo* find_kv_format(std::string_view name) {
   return nullptr;
 }
 
+std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet) {
+  if (type != "auto") return type;
+  const std::string sidecar = kv.calibration.empty() ? default_kv_calibration_path(model) : kv.calibration;
+  struct stat st {};
+  if (::stat(sidecar.c_str(), &st) == 0) return kAutoKvType;
+  static bool told = false;  // once per process, not once per K and V
+  if (!quiet && !std::exchange(told, true))
+    fmt::print(stderr,
+               "kvq: note: KV cache f16: no KV calibration at {} (create it once with `kvq calibrate -f TEXT`, "
+               "a few minutes, to get the {} cache at ~3.7x less memory)\n",
+               sidecar, kAutoKvType);
+  return "f16";
+}
+
 CLI::Validator kv_format_validator() {
   return CLI::Validator(
       [](std::string& value) -> std::string {
-        if (find_kv_format(value)) return {};
+        if (value == "auto" || find_kv_format(value)) return {};
         return fmt::format("unknown KV cache type '{}' (valid: {})", value, kv_format_names());
       },
       "", "KV_TYPE");
@@ -104,11 +118,15 @@ CLI::Validator kv_format_validator() {
 
 void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_v) {
   const std::string names = kv_format_names();
-  app.add_option("--cache-type-k", type_k, fmt::format("KV cache format for keys, also -ctk: {}", names))
+  app.add_option("--cache-type-k", type_k,
+                 fmt::format("KV cache format for keys, also -ctk: auto (= {} when calibrated, else f16), {}",
+                             kAutoKvType, names))
       ->type_name("TYPE")
       ->check(kv_format_validator())
       ->capture_default_str();
-  app.add_option("--cache-type-v", type_v, fmt::format("KV cache format for values, also -ctv: {}", names))
+  app.add_option("--cache-type-v", type_v,
+                 fmt::format("KV cache format for values, also -ctv: auto (= {} when calibrated, else f16), {}",
+                             kAutoKvType, names))
       ->type_name("TYPE")
       ->check(kv_format_validator())
       ->capture_default_str();

@@ -48,6 +48,12 @@ struct KvCacheOptions {
 };
 void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);
 
+// The cache type "auto" (kvq run's default): the KVQuant preset kAutoKvType when
+// the model has a calibration sidecar (--kv-calib or the default path), else f16
+// with a note on stderr saying how to calibrate. Other names pass through.
+inline constexpr const char* kAutoKvType = "nuq4-1%";
+std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet);
+
 // Numeric validators whose messages read well ("must be >= 0, got -5").
 CLI::Validator int_range(int64_t lo, int64_t hi);
 CLI::Validator float_range(double lo, double hi);  // inclusive
