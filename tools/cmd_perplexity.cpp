@@ -130,6 +130,16 @@ double percentile(std::vector<float> v, double q) {
 }
 
 int perplexity(const PerplexityOptions& o) {
+  // Which caches run: the baseline first (if any), then the candidates.
+  const bool comparing = !o.compare.empty();
+  std::vector<CacheConfig> configs;
+  if (comparing) {
+    CacheConfig base = parse_cache_spec(o.compare, KvCacheOptions{});
+    base.sink = base.sink < 0 ? 0 : base.sink;
+    configs.push_back(base);
+  }
+  std::vector<CacheConfig> swept;
+  for (const std::string& spec : o.sweep) swept.push_back(parse_cache_spec(spec, o.kv));
   std::string text;
   try {
     text = read_file(o.text_file, "text file");
@@ -139,21 +149,13 @@ int perplexity(const PerplexityOptions& o) {
   }
   if (text.empty()) throw Error(fmt::format("text file {} is empty", o.text_file));
 
-  // Which caches run: the baseline first (if any), then the candidates.
-  const bool comparing = !o.compare.empty();
-  std::vector<CacheConfig> configs;
-  if (comparing) {
-    CacheConfig base = parse_cache_spec(o.compare, KvCacheOptions{});
-    base.sink = base.sink < 0 ? 0 : base.sink;
-    configs.push_back(base);
-  }
   auto model = load_model(o.model);
   if (o.sweep.empty()) {
     const std::string tk = resolve_cache_type(o.type_k, *model, o.kv, o.json);
     const std::string tv = resolve_cache_type(o.type_v, *model, o.kv, o.json);
     configs.push_back(CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window});
   }
-  for (const std::string& spec : o.sweep) configs.push_back(parse_cache_spec(spec, o.kv));
+  configs.insert(configs.end(), swept.begin(), swept.end());
 
   const ModelInfo& info = model->info();
   const bool llamacpp = o.protocol == "llamacpp";

@@ -238,8 +238,10 @@ def test_run_greedy_is_deterministic(model):
 
 
 def test_run_chat_json(model):
+    # The default cache is "auto": without a calibration sidecar it is f16.
     p = run_kvq("run", "-m", model, "--chat", "--system", "You are a helpful assistant.",
-                "-p", "What is the capital of France?", "-n", "16", "--temp", "0", "--json")
+                "-p", "What is the capital of France?", "-n", "16", "--temp", "0", "--json",
+                "--kv-calib", "/nonexistent/kvcalib.gguf")
     assert p.returncode == 0, text(p.stderr)
     out = json.loads(p.stdout)
     assert out["text"].strip()
@@ -262,6 +264,46 @@ def test_perplexity_on_wikitext_head(model, wiki_20k):
     assert 5 < ppl < 100, ppl
     assert 0 < out["ppl_stderr"] < ppl
     assert math.isclose(math.exp(out["mean_nll"]), ppl, rel_tol=1e-9)
+
+
+def test_perplexity_compare_against_itself_is_exactly_zero(model, wiki_20k):
+    # The same cache twice: the paired difference, KL divergence and top-1
+    # disagreement must be exactly zero (the computation is deterministic).
+    p = run_kvq("perplexity", "-m", model, "-f", wiki_20k, "-c", "128", "--chunks", "2",
+                "-ctk", "f16", "-ctv", "f16", "--compare", "f16", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    (c,) = out["candidates"]
+    assert out["baseline"]["ppl"] == c["ppl"]
+    assert c["ppl_delta_pct"] == 0 and c["kld_mean"] == 0 and c["kld_p99"] == 0
+    assert c["top1_agreement"] == 1
+
+
+def test_perplexity_sweep_orders_formats_by_damage(model, wiki_20k):
+    p = run_kvq("perplexity", "-m", model, "-f", wiki_20k, "-c", "128", "--chunks", "2",
+                "--compare", "f16", "--sweep", "f32", "--sweep", "q8_0", "--sweep", "int2", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    out = json.loads(p.stdout)
+    c = {x["name"]: x for x in out["candidates"]}
+    assert list(c) == ["f32", "q8_0", "int2"]
+    # Fewer bits, more damage: f32 vs f16 differs only by binary16 rounding.
+    assert c["f32"]["kld_mean"] < c["q8_0"]["kld_mean"] < c["int2"]["kld_mean"]
+    assert c["int2"]["top1_agreement"] < c["f32"]["top1_agreement"] <= 1
+    assert c["int2"]["ppl_delta_pct"] > c["q8_0"]["ppl_delta_pct"]
+    # Bits as allocated: a 128-token window fills two whole pages.
+    assert c["f32"]["bits_per_element"] == 32 and out["baseline"]["bits_per_element"] == 16
+    assert c["q8_0"]["bits_per_element"] == 8.5  # 34 bytes per 32 elements
+    assert 2 < c["int2"]["bits_per_element"] < 2.3
+    for x in c.values():
+        assert x["kld_p99"] >= 0 and x["ppl_delta_pct_se"] >= 0
+        assert x["kv_bytes"] == x["kv_bytes_codes"] + x["kv_bytes_scales"] + x["kv_bytes_outliers"] \
+            + x["kv_bytes_full_precision"] + x["kv_bytes_calibration"]
+
+
+@pytest.mark.parametrize("spec", ["nope", "f16/nope", "f16+sink", "f16+bogus3", "f16+win-1"])
+def test_perplexity_bad_sweep_spec(spec):
+    assert_clean_error(run_kvq("perplexity", "-f", "x", "--compare", "f16", "--sweep", spec), code=2,
+                       mentions=(spec,))
 
 
 def test_perplexity_llamacpp_protocol(model, wiki_20k):
