@@ -410,6 +410,46 @@ TEST(KvCodecQuant, KeyOutliersBeyondCalibratedBounds) {
   EXPECT_EQ(tile[0 * kKvPageTokens + 1], uniform_table(4)[11]);  // 0.5 -> level 11 (0.4667), +0 from the unused slots
 }
 
+TEST(KvCodecQuant, TiesGoToTheLowerLevel) {
+  // Uniform levels are symmetric, so u = 0 sits exactly between the two middle
+  // levels: the lower one wins. Per-channel bounds [-1, 1] make u = x.
+  const KvGeometry g{1, 64};
+  for (const char* name : {"int2-ch", "int3-ch", "int4-ch"}) {
+    SCOPED_TRACE(name);
+    const KvFormat& f = kv_format(name);
+    const std::vector<float> L = uniform_table(f.bits);
+    const int mid = (1 << f.bits) / 2 - 1;
+    ASSERT_EQ(double(L[size_t(mid)]) + L[size_t(mid + 1)], 0.0);
+    KvTensorCalibration cal;
+    cal.lower.assign(64, -1.0f);
+    cal.upper.assign(64, 1.0f);
+    const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
+    std::vector<float> x(64, 0.0f);
+    const Rows got = encode_decode(*codec, KvRole::key, g, Rows{x});
+    EXPECT_EQ(got[0][0], L[size_t(mid)]);
+  }
+  // A codebook with exactly representable midpoints: -0.75 and -0.125 are ties.
+  KvTensorCalibration cal;
+  cal.lower.assign(64, -1.0f);
+  cal.upper.assign(64, 1.0f);
+  cal.codebook = {-1.0f, -0.5f, 0.25f, 1.0f};
+  for (KvRole role : {KvRole::key, KvRole::value}) {
+    const auto codec = make_kv_codec(kv_format("nuq2"), role, g, &cal);
+    std::vector<float> x(64, 0.0f);
+    x[0] = -1.0f;  // values: min -1, max 1 give zp 0, r 1 as well
+    x[1] = 1.0f;
+    x[2] = -0.75f;
+    x[3] = -0.125f;
+    x[4] = 0.625f;
+    x[5] = -0.7499999f;  // just above the tie
+    const Rows got = encode_decode(*codec, role, g, Rows{x});
+    EXPECT_EQ(got[0][2], -1.0f);
+    EXPECT_EQ(got[0][3], -0.5f);
+    EXPECT_EQ(got[0][4], 0.25f);
+    EXPECT_EQ(got[0][5], -0.5f);
+  }
+}
+
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
   try {
     fn();
