@@ -9,6 +9,7 @@
 #include "base/error.h"
 #include "base/fp16.h"
 #include "base/fp16_row.h"
+#include "formats/kv_codecs.h"
 
 namespace kvq {
 
@@ -88,10 +89,6 @@ constexpr std::array<KvFormat, 24> kFormats = {{
     {"nuq2-1%", "KVQuant 2-bit non-uniform codebook + 1% dense-and-sparse outliers; keys per channel, pre-RoPE", KvScheme::quant, 2, KvLevels::codebook, KvKeyScaling::per_channel, true, 0.01f, true},
 }};
 
-namespace {
-
-}  // namespace
-
 std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& f, KvRole role, const KvGeometry& g,
                                        const KvTensorCalibration* calibration, bool for_accounting) {
   if (g.n_kv_heads <= 0 || g.head_dim <= 0) fail("KV cache: invalid geometry {} x {}", g.n_kv_heads, g.head_dim);
@@ -101,7 +98,9 @@ std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& f, KvRole role, const KvG
   switch (f.scheme) {
     case KvScheme::f32: return std::make_unique<PlainCodec<float>>(role, g);
     case KvScheme::f16: return std::make_unique<PlainCodec<uint16_t>>(role, g);
-    default: break;
+    case KvScheme::q8_0:
+    case KvScheme::q4_0: return make_block_kv_codec(f, role, g);
+    case KvScheme::quant: return make_quant_kv_codec(f, role, g, calibration, for_accounting);
   }
   fail("KV cache type '{}' is not implemented", f.name);
 }

@@ -3,6 +3,7 @@
 // against an independent rounding written here in double arithmetic).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,26 +19,100 @@
 namespace kvq {
 namespace {
 
+// A calibration that fits any row of `g`: bounds +-3 per channel, and a
+// random sorted codebook of 2^bits entries in [-1, 1].
+KvTensorCalibration synthetic_calibration(const KvFormat& f, const KvGeometry& g, std::mt19937& rng) {
+  KvTensorCalibration cal;
+  cal.lower.assign(size_t(g.row()), -3.0f);
+  cal.upper.assign(size_t(g.row()), 3.0f);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  if (f.scheme == KvScheme::quant) {
+    cal.codebook.resize(size_t(1) << f.bits);
+    for (auto& v : cal.codebook) v = u(rng);
+    std::sort(cal.codebook.begin(), cal.codebook.end());
+  }
+  return cal;
+}
+
 TEST(KvFormat, TableRowsAreConsistent) {
   const auto table = kv_format_table();
   ASSERT_GE(table.size(), 2u);
   std::set<std::string> names;
+  std::mt19937 rng(3);
   for (const KvFormat& f : table) {
     SCOPED_TRACE(std::string(f.name));
     EXPECT_FALSE(f.name.empty());
     EXPECT_FALSE(f.description.empty());
     EXPECT_TRUE(names.insert(std::string(f.name)).second) << "duplicate name";
-    if (f.scheme != KvScheme::f32 && f.scheme != KvScheme::f16) continue;  // codecs being written
+    if (f.scheme == KvScheme::quant) {
+      EXPECT_GE(f.bits, 1);
+      EXPECT_LE(f.bits, 8);
+    }
+    if (f.keys_pre_rope) {
+      EXPECT_TRUE(f.scheme == KvScheme::quant) << "only quant rows store keys pre-RoPE";
+    }
     for (KvRole role : {KvRole::key, KvRole::value})
-      for (KvGeometry g : {KvGeometry{1, 64}, KvGeometry{3, 80}}) {
-        const auto codec = make_kv_codec(f, role, g, nullptr);
+      for (KvGeometry g : {KvGeometry{1, 64}, KvGeometry{3, 80}, KvGeometry{3, 64}, KvGeometry{8, 128}}) {
+        SCOPED_TRACE(std::to_string(g.n_kv_heads) + "x" + std::to_string(g.head_dim));
+        const KvTensorCalibration cal = synthetic_calibration(f, g, rng);
+        const auto codec = make_kv_codec(f, role, g, f.needs_calibration(role) ? &cal : nullptr);
         ASSERT_NE(codec, nullptr);
+        const auto accounting = make_kv_codec(f, role, g, nullptr, true);
+        // The accounting codec (no calibration) sizes pages like the real one.
+        const KvPageBytes p = codec->page_layout();
+        EXPECT_EQ(p.total(), codec->page_bytes());
+        EXPECT_EQ(accounting->page_bytes(), codec->page_bytes());
+        EXPECT_EQ(accounting->page_layout().scales, p.scales);
+        EXPECT_EQ(accounting->page_layout().outliers, p.outliers);
+        EXPECT_EQ(accounting->fixed_bytes(), codec->fixed_bytes());
+        EXPECT_GE(p.codes, uint64_t(g.row()) * kKvPageTokens * uint64_t(f.bits) / 8);
         // The advertised cost is exactly what a page holds.
         EXPECT_DOUBLE_EQ(kv_bits_per_element(f, role, g),
                          double(codec->page_bytes()) * 8 / (double(g.row()) * kKvPageTokens));
+        // Every codec encodes and decodes a page (values near the calibrated range).
+        std::vector<uint8_t> page(codec->page_bytes(), 0);
+        std::normal_distribution<float> nd(0.0f, 1.0f);
+        std::vector<float> row(size_t(g.row()));
+        for (int j = 0; j < kKvPageTokens; ++j) {
+          for (auto& v : row) v = nd(rng);
+          codec->encode(row.data(), j, page.data());
+        }
+        std::vector<float> tile(size_t(g.head_dim) * kKvPageTokens);
+        for (int h = 0; h < g.n_kv_heads; ++h) {
+          codec->decode(page.data(), h, kKvPageTokens, tile.data());
+          for (float v : tile) ASSERT_TRUE(std::isfinite(v));
+        }
+        // Values: the last row encoded, decoded (token-major) within a loose bound.
+        if (role == KvRole::value) {
+          codec->decode(page.data(), g.n_kv_heads - 1, kKvPageTokens, tile.data());
+          for (int d = 0; d < g.head_dim; ++d)
+            EXPECT_NEAR(tile[size_t(63 * g.head_dim + d)], row[size_t((g.n_kv_heads - 1) * g.head_dim + d)],
+                        f.bits >= 4 ? 1.5 : 4.0);
+        }
       }
   }
   EXPECT_EQ(kKvPageTokens, 64);
+}
+
+// Bits per element from the spec's formulas, computed here independently.
+TEST(KvFormat, BitsPerElementFormulas) {
+  const KvGeometry small{3, 64}, big{8, 128};  // rows 192 and 1024
+  auto bits = [](const char* name, KvRole role, const KvGeometry& g) { return kv_bits_per_element(kv_format(name), role, g); };
+  // nuq4-1% at row 192: k = 1 outlier per tail, 24 bits each (fp16 + u8 index).
+  EXPECT_DOUBLE_EQ(bits("nuq4-1%", KvRole::key, small), 4.25);
+  EXPECT_DOUBLE_EQ(bits("nuq4-1%", KvRole::value, small), 4.0 + 32.0 / 192 + 0.25);
+  // Row 1024: k = ceil(0.005 * 1024) = 6 per tail, 32 bits each (fp16 + u16 index).
+  EXPECT_DOUBLE_EQ(bits("nuq4-1%", KvRole::key, big), 4.0 + 12.0 * 32 / 1024);
+  EXPECT_DOUBLE_EQ(bits("nuq4-1%", KvRole::value, big), 4.0 + 32.0 / 1024 + 12.0 * 32 / 1024);
+  EXPECT_DOUBLE_EQ(bits("int4", KvRole::key, small), 4.0 + 32.0 / 192);
+  EXPECT_DOUBLE_EQ(bits("int3-ch", KvRole::key, small), 3.0);
+  EXPECT_DOUBLE_EQ(bits("int3-ch", KvRole::value, small), 3.0 + 32.0 / 192);
+  EXPECT_DOUBLE_EQ(bits("int2-ch-1%", KvRole::key, small), 2.25);
+  // Values pack each head's D codes to whole bytes: D = 40 at 3 bits is 15 bytes.
+  EXPECT_DOUBLE_EQ(bits("int3", KvRole::value, KvGeometry{1, 40}), 15.0 * 8 / 40 + 32.0 / 40);
+  EXPECT_DOUBLE_EQ(bits("q8_0", KvRole::key, small), 8.5);
+  EXPECT_DOUBLE_EQ(bits("q4_0", KvRole::value, small), 4.5);
+  EXPECT_DOUBLE_EQ(bits("q4_0", KvRole::value, KvGeometry{2, 40}), 2.0 * 18 * 8 / 40);  // padded to 64
 }
 
 TEST(KvFormat, KnownRows) {
