@@ -44,7 +44,7 @@ class WeightedHistogram {
   void add(float x, float w) {
     if (!(w > 0)) return;  // also drops NaN weights; callers validate inputs
     double t = (double(x) - lo_) * scale_;
-    int64_t b = t <= 0 ? 0 : (t >= double(n_bins_ - 1) ? n_bins_ - 1 : int64_t(t));
+    const int64_t b = !(t > 0) ? 0 : (t >= double(n_bins_ - 1) ? n_bins_ - 1 : int64_t(t));  // NaN: bin 0, no UB
     Bin& bin = bins_[size_t(b)];
     const double wd = w, xd = x;
     bin.w += wd;
