@@ -122,5 +122,6 @@ Command register_perplexity(CLI::App& app);
 Command register_info(CLI::App& app);
 Command register_bench(CLI::App& app);
 Command register_passkey(CLI::App& app);
+Command register_calibrate(CLI::App& app);
 
 }  // namespace kvq::cli

@@ -1,4 +1,4 @@
-// kvq: one binary, one subcommand per job (run, perplexity, info, bench, passkey).
+// kvq: one binary, one subcommand per job (run, perplexity, info, bench, passkey, calibrate).
 // Every failure ends here as one line, "kvq: error: <message>": exit code 2 for
 // usage errors (bad flags or values), 1 for everything else.
 #include <fmt/format.h>
@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
   std::string help_hint = "kvq";
   try {
     for (auto reg : {kvq::cli::register_run, kvq::cli::register_perplexity, kvq::cli::register_info,
-                     kvq::cli::register_bench, kvq::cli::register_passkey}) {
+                     kvq::cli::register_bench, kvq::cli::register_passkey, kvq::cli::register_calibrate}) {
       auto command = reg(app);
       commands.emplace(app.get_subcommands({}).back(), std::move(command));
     }

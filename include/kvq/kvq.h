@@ -32,6 +32,10 @@ struct ModelInfo {
   std::string path;
   std::string architecture;    // "llama"
   std::string name;            // general.name
+  // 16 hex digits: a 64-bit hash of every tensor's name, type, shape, offset and
+  // data (metadata excluded). Identifies the weights a KV calibration was fitted
+  // on; not cryptographic. Computed at load (one pass over the mapped file).
+  std::string fingerprint;
   uint32_t gguf_version = 0;
   int64_t n_params = 0;
   uint64_t weight_bytes = 0;   // bytes of all tensor data in the file

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstring>
 
 #include "base/error.h"
 #include "formats/kv_format.h"
@@ -31,6 +32,57 @@ std::string printable(const gguf::Value& v) {
   }
 }
 
+// Four independent multiply-xorshift lanes over 8-byte words (the lanes keep the
+// multiplier latency off the critical path: ~100 MB take a few tens of ms).
+class Fingerprint {
+ public:
+  void bytes(const uint8_t* p, uint64_t n) {
+    uint64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+      for (int l = 0; l < 4; ++l) mix(lane_[l], load(p + i + 8 * l));
+    for (; i + 8 <= n; i += 8) mix(lane_[0], load(p + i));
+    uint64_t tail = 0;
+    if (n > i) std::memcpy(&tail, p + i, size_t(n - i));
+    mix(lane_[1], tail ^ (n << 56));
+    length_ += n;
+  }
+  void word(uint64_t w) { mix(lane_[2], w); }
+  std::string hex() const {
+    uint64_t h = length_;
+    for (uint64_t l : lane_) {
+      h = (h ^ l) * 0x9E3779B97F4A7C15ull;
+      h ^= h >> 29;
+    }
+    h ^= h >> 32;
+    return fmt::format("{:016x}", h);
+  }
+
+ private:
+  static uint64_t load(const uint8_t* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    return w;
+  }
+  static void mix(uint64_t& h, uint64_t w) {
+    h = (h ^ w) * 0xFF51AFD7ED558CCDull;
+    h ^= h >> 32;
+  }
+  uint64_t lane_[4] = {1, 2, 3, 4};
+  uint64_t length_ = 0;
+};
+
+std::string model_fingerprint(const gguf::File& f) {
+  Fingerprint fp;
+  for (const auto& t : f.tensors()) {
+    fp.bytes(reinterpret_cast<const uint8_t*>(t.name.data()), t.name.size());
+    fp.word(uint64_t(t.type));
+    for (int64_t d : t.dims) fp.word(uint64_t(d));
+    fp.word(t.offset);
+    fp.bytes(t.data, t.n_bytes);
+  }
+  return fp.hex();
+}
+
 ModelInfo make_info(const gguf::File& f, const LlamaModel& m, const Tokenizer& tok) {
   ModelInfo info;
   const LlamaHparams& hp = m.hparams();
@@ -38,6 +90,7 @@ ModelInfo make_info(const gguf::File& f, const LlamaModel& m, const Tokenizer& t
   info.architecture = hp.architecture;
   info.name = std::string(f.get_string("general.name").value_or(""));
   info.gguf_version = f.version();
+  info.fingerprint = model_fingerprint(f);
   for (const auto& t : f.tensors()) {
     info.n_params += t.n_elements();
     info.weight_bytes += t.n_bytes;

@@ -1,0 +1,114 @@
+"""`kvq calibrate` end to end on a tiny random llama (tests/python/make_tiny_llama.py).
+
+The sidecar must be deterministic (two runs, byte-identical files), readable by
+the `gguf` package with the documented tensor names and shapes, and every bad
+command line must end in one clean error line.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import gguf  # a missing package must fail the test, not skip it
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import make_tiny_llama  # noqa: E402
+from test_cli import assert_clean_error, assert_not_crashed, run_kvq, text  # noqa: E402
+
+TEXT = " ".join(f"the quick brown fox {i} jumps over the lazy dog in the sun" for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("calib")
+    model = d / "tiny.gguf"
+    make_tiny_llama.write_tiny_llama(str(model), "quant_mixed", seed=5)
+    corpus = d / "valid.txt"
+    corpus.write_text(TEXT)
+    return dict(dir=d, model=str(model), text=str(corpus))
+
+
+def calibrate(tiny: dict, out: str, *extra: str):
+    return run_kvq("calibrate", "-m", tiny["model"], "-f", tiny["text"], "-o", out, "--window", "32",
+                   "--windows", "2", "-t", "2", *extra)
+
+
+def test_sidecar_is_deterministic_and_readable(tiny):
+    a, b = str(tiny["dir"] / "a.kvcalib.gguf"), str(tiny["dir"] / "b.kvcalib.gguf")
+    for out in (a, b):
+        p = calibrate(tiny, out)
+        assert_not_crashed(p)
+        assert p.returncode == 0, text(p.stderr)
+        assert "wrote" in text(p.stdout)
+    assert pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes()
+
+    r = gguf.GGUFReader(a)
+    fields = {f.name for f in r.fields.values()}
+    for key in ("kvq.calib.model_fingerprint", "kvq.calib.window", "kvq.calib.bits", "kvq.calib.weighting"):
+        assert key in fields
+    tensors = {t.name: t for t in r.tensors}
+    n_layer, row = 3, make_tiny_llama.N_HEAD_KV * make_tiny_llama.HEAD_DIM
+    for layer in range(n_layer):
+        for dom in ("pre", "post"):
+            for var in ("minmax", "o1"):
+                t = tensors[f"blk.{layer}.k_bounds.{dom}.{var}"]
+                lo, hi = np.asarray(t.data, dtype=np.float32).reshape(2, row)
+                assert np.all(np.isfinite(lo)) and np.all(hi >= lo)
+        for kv in ("k", "v"):
+            for bits in (2, 3, 4, 8):
+                for suffix in ("", ".o1"):
+                    c = np.asarray(tensors[f"blk.{layer}.{kv}_codebook.nuq{bits}{suffix}"].data, dtype=np.float32)
+                    assert c.shape == (2 ** bits,)
+                    assert np.all(np.diff(c) > 0) and c.min() >= -1 and c.max() <= 1
+
+
+def test_json_and_other_settings_change_the_sidecar(tiny):
+    out = str(tiny["dir"] / "c.kvcalib.gguf")
+    p = calibrate(tiny, out, "--json", "--weighting", "none", "--sink", "0")
+    assert_not_crashed(p)
+    assert p.returncode == 0, text(p.stderr)
+    j = json.loads(p.stdout)
+    assert j["n_tokens"] == 64 and j["sidecar"] == out and len(j["model_fingerprint"]) == 16
+    assert j["sidecar_bytes"] == pathlib.Path(out).stat().st_size
+    base = str(tiny["dir"] / "base.kvcalib.gguf")
+    assert calibrate(tiny, base).returncode == 0
+    assert pathlib.Path(out).read_bytes() != pathlib.Path(base).read_bytes()
+
+
+@pytest.mark.parametrize("args, mentions", [
+    (("--window", "8"), ("--window",)),
+    (("--window", "4096"), ("context",)),
+    (("--windows", "0"), ("--windows",)),
+    (("--weighting", "fisher"), ("--weighting",)),
+    (("--sink", "-1"), ("--sink",)),
+    (("--sink", "32"), ("--sink",)),
+])
+def test_bad_flags_exit_2(tiny, args, mentions):
+    p = run_kvq("calibrate", "-m", tiny["model"], "-f", tiny["text"], "-o", str(tiny["dir"] / "x.gguf"),
+                *(("--window", "32") if "--window" not in args else ()), *args)
+    assert_clean_error(p, code=2, mentions=mentions)
+    assert not (tiny["dir"] / "x.gguf").exists()
+
+
+def test_missing_text_names_the_protocol(tiny):
+    p = run_kvq("calibrate", "-m", tiny["model"])
+    msg = assert_clean_error(p, code=2)
+    assert "-f" in msg and "wiki.valid.tokens" in msg and "test" in msg
+
+
+def test_text_too_short(tiny):
+    out = tiny["dir"] / "short.kvcalib.gguf"
+    p = run_kvq("calibrate", "-m", tiny["model"], "-f", tiny["text"], "-o", str(out), "--window", "128",
+                "--windows", "100")
+    msg = assert_clean_error(p, code=1, mentions=("12800",))
+    assert "tokens" in msg
+    assert not out.exists()
+    assert not list(tiny["dir"].glob("short.kvcalib.gguf.tmp*"))
+
+
+def test_missing_text_file(tiny):
+    p = run_kvq("calibrate", "-m", tiny["model"], "-f", str(tiny["dir"] / "nope.txt"))
+    assert_clean_error(p, code=1, mentions=("nope.txt",))

@@ -1,0 +1,157 @@
+// kvq calibrate: fit the KV calibration sidecar (per-channel key bounds, nuqN
+// codebooks) that the KVQuant cache formats need, from calibration text.
+#include <fmt/format.h>
+#include <sys/resource.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <limits>
+
+#include "common.h"
+
+namespace kvq::cli {
+namespace {
+
+struct CalibrateOptions {
+  std::string model;
+  std::string text_file;
+  std::string out;
+  int64_t n_windows = 16;
+  int64_t window = 2048;
+  std::string weighting = "scale2";
+  int sink = 1;
+  uint64_t seed = 0;
+  int threads = 0;
+  bool json = false;
+};
+
+uint64_t peak_rss_bytes() {
+  struct rusage ru {};
+  if (::getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+  return uint64_t(ru.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+int calibrate(const CalibrateOptions& o) {
+  const std::string text = read_file(o.text_file, "text file");
+  if (text.empty()) throw Error(fmt::format("text file {} is empty", o.text_file));
+  auto model = load_model(o.model);
+  const ModelInfo& info = model->info();
+  if (info.n_ctx_train > 0 && o.window > info.n_ctx_train)
+    throw UsageError(fmt::format("--window {} is longer than the model's context {}", o.window, info.n_ctx_train));
+  if (o.sink >= o.window) throw UsageError(fmt::format("--sink {} must be smaller than --window {}", o.sink, o.window));
+  const std::string out = o.out.empty() ? default_kv_calibration_path(*model) : o.out;
+
+  Stopwatch tok_clock;
+  const std::vector<int32_t> tokens = model->tokenize(text, model->add_bos_default());
+  const double tokenize_s = tok_clock.seconds();
+  const int64_t need = o.n_windows * o.window;
+  if (int64_t(tokens.size()) < need)
+    throw Error(fmt::format("{} has {} tokens, but {} windows of {} need {}: use fewer (--windows) or shorter "
+                            "(--window) windows, or a longer text",
+                            o.text_file, tokens.size(), o.n_windows, o.window, need));
+
+  CalibrationParams p;
+  p.n_windows = o.n_windows;
+  p.window = o.window;
+  p.n_threads = o.threads;
+  p.sink_tokens = o.sink;
+  p.weighting = o.weighting;
+  p.seed = o.seed;
+  p.text_name = std::filesystem::path(o.text_file).filename().string();
+  const bool progress = stderr_is_tty() && !o.json;
+  Stopwatch clock;
+  if (progress)
+    p.progress = [&](std::string_view stage, int64_t done, int64_t total) {
+      fmt::print(stderr, "\r{} {}/{}  {:.1f} s   ", stage, done, total, clock.seconds());
+      if (stage == "fit" && done == total) fmt::print(stderr, "\n");
+      std::fflush(stderr);
+    };
+  if (!o.json)
+    fmt::print(stderr, "kvq: calibrating on {} windows of {} tokens of {} ({} tokens in the text), weighting {}, sink {}, {} threads\n",
+               o.n_windows, o.window, o.text_file, tokens.size(), o.weighting, o.sink, o.threads);
+  const CalibrationReport r = calibrate_kv(model, tokens, p, out);
+  std::error_code ec;
+  const uintmax_t size = std::filesystem::file_size(r.path, ec);
+  const uint64_t rss = peak_rss_bytes();
+
+  if (o.json) {
+    nlohmann::json j = {
+        {"sidecar", r.path},
+        {"sidecar_bytes", ec ? 0 : uint64_t(size)},
+        {"model", info.path},
+        {"model_fingerprint", info.fingerprint},
+        {"text_file", o.text_file},
+        {"n_tokens", r.n_tokens},
+        {"n_windows", o.n_windows},
+        {"window", o.window},
+        {"weighting", o.weighting},
+        {"sink_tokens", o.sink},
+        {"seed", o.seed},
+        {"threads", o.threads},
+        {"tokenize_seconds", tokenize_s},
+        {"capture_seconds", r.capture_seconds},
+        {"fit_seconds", r.fit_seconds},
+        {"peak_capture_bytes", r.peak_capture_bytes},
+        {"peak_rss_bytes", rss},
+    };
+    write_stdout(dump_json(j) + "\n");
+    return 0;
+  }
+  write_stdout(fmt::format("wrote {} ({})\n", r.path, ec ? "size unknown" : format_bytes(uint64_t(size))));
+  write_stdout(fmt::format("{} tokens ({} windows of {}); capture {:.1f} s ({:.0f} tokens/s), fit {:.1f} s\n",
+                           r.n_tokens, o.n_windows, o.window, r.capture_seconds,
+                           r.capture_seconds > 0 ? double(r.n_tokens) / r.capture_seconds : 0.0, r.fit_seconds));
+  write_stdout(fmt::format("memory: activations captured {}, peak resident {}\n", format_bytes(r.peak_capture_bytes),
+                           format_bytes(rss)));
+  return 0;
+}
+
+}  // namespace
+
+Command register_calibrate(CLI::App& app) {
+  auto o = std::make_shared<CalibrateOptions>();
+  CLI::App* sub = app.add_subcommand("calibrate", "fit the KV calibration sidecar the KVQuant cache formats need");
+  sub->footer(
+      "Runs the model over the first WINDOWS x WINDOW tokens of the text, captures every layer's\n"
+      "pre-RoPE keys and values, and writes per-channel key bounds and nuq codebooks (2/3/4/8 bits,\n"
+      "with and without 1% outliers) to a GGUF sidecar. The first --sink tokens of each window\n"
+      "are left out of every statistic.\n"
+      "KVQuant's protocol calibrates on WikiText-2 *validation* text (wiki.valid.tokens), never on\n"
+      "the test text the perplexity is measured on.\n"
+      "Examples:\n"
+      "  kvq calibrate -f wiki.valid.tokens\n"
+      "  kvq calibrate -m model.gguf -f wiki.valid.tokens -o model.kvcalib.gguf --windows 4 --window 1024");
+  add_model_flag(*sub, o->model);
+  sub->add_option("-f,--file", o->text_file, "calibration text (WikiText-2 validation: wiki.valid.tokens)")
+      ->type_name("FILE");
+  sub->add_option("-o,--output", o->out, "sidecar to write (default: MODEL.kvcalib.gguf beside the model)")
+      ->type_name("FILE");
+  sub->add_option("--windows", o->n_windows, "number of windows taken from the start of the text")
+      ->type_name("N")
+      ->check(int_range(1, 1 << 20))
+      ->capture_default_str();
+  sub->add_option("--window", o->window, "tokens per window (each starts from an empty cache)")
+      ->type_name("N")
+      ->check(int_range(16, kMaxCtx))
+      ->capture_default_str();
+  sub->add_option("--weighting", o->weighting, "k-means element weights: scale2 (vector range squared) or none")
+      ->type_name("NAME")
+      ->check(CLI::IsMember({"scale2", "none"}))
+      ->capture_default_str();
+  sub->add_option("--sink", o->sink, "first tokens of each window left out of the statistics")
+      ->type_name("N")
+      ->check(int_range(0, 1 << 20))
+      ->capture_default_str();
+  sub->add_option("--seed", o->seed, "k-means seed")->type_name("N")->capture_default_str();
+  add_threads_flag(*sub, o->threads);
+  add_json_flag(*sub, o->json, "print the result as one JSON object");
+  return [o] {
+    if (o->text_file.empty())
+      throw UsageError(
+          "no calibration text: give -f FILE (KVQuant's protocol uses WikiText-2 validation text, "
+          "wiki.valid.tokens, never the test text)");
+    return calibrate(*o);
+  };
+}
+
+}  // namespace kvq::cli
