@@ -1,9 +1,11 @@
 #include <algorithm>
+#include <filesystem>
 #include <limits>
 #include <numeric>
 
 #include "base/error.h"
 #include "base/threads.h"
+#include "calib/kv_calibration.h"
 #include "formats/kv_format.h"
 #include "kvcache/kv_cache.h"
 #include "runtime/model_impl.h"
@@ -74,6 +76,25 @@ KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
   return cfg;
 }
 
+// Formats that need offline calibration (KVQuant) get it from the model's sidecar.
+void load_calibration(const Model& model, const SessionParams& p, KvCacheConfig& cfg) {
+  const bool k_needs = cfg.k_format->needs_calibration(KvRole::key);
+  const bool v_needs = cfg.v_format->needs_calibration(KvRole::value);
+  if (!k_needs && !v_needs) return;
+  const std::string path = p.kv_calibration.empty() ? default_kv_calibration_path(model) : p.kv_calibration;
+  const std::string_view which = k_needs ? cfg.k_format->name : cfg.v_format->name;
+  if (!std::filesystem::exists(path))
+    fail("KV cache type '{}' needs a calibration sidecar and there is none at {} (create it once with "
+         "`kvq calibrate -m MODEL -f TEXT -o {}`, pass --kv-calib FILE, or use f16)",
+         which, path, path);
+  const KvCalibration calib = KvCalibration::load(path);
+  calib.check_compatible(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, model.info().fingerprint, path);
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    if (k_needs) cfg.k_calibration.push_back(calib.for_format(l, KvRole::key, *cfg.k_format));
+    if (v_needs) cfg.v_calibration.push_back(calib.for_format(l, KvRole::value, *cfg.v_format));
+  }
+}
+
 }  // namespace
 
 Session::Session(std::shared_ptr<const Model> model, const SessionParams& params) {
@@ -88,6 +109,7 @@ Session::Session(std::shared_ptr<const Model> model, const SessionParams& params
   if (p.n_threads == 0) p.n_threads = default_thread_count();
   if (p.n_batch <= 0 || p.n_batch > 65536) fail("batch size {} is out of range 1..65536", p.n_batch);
   KvCacheConfig cfg = cache_config(hp, p);
+  load_calibration(*model, p, cfg);
   impl_ = std::make_unique<Impl>(std::move(model), p, p.n_threads, cfg);
 }
 

@@ -124,21 +124,25 @@ TEST(AttentionWindow, PrefillEqualsTokenByTokenDecode) {
 
 TEST(AttentionWindow, WholeContextInFullPrecisionEqualsF16) {
   // A window (or sink) covering everything reads only the binary16 side stores:
-  // the same numbers as an f16 cache.
+  // the same numbers as an f16 cache. For a post-RoPE format exactly those
+  // numbers; a pre-RoPE format rounds keys to binary16 *before* rotating, the
+  // f16 cache after, so there the outputs agree to binary16 rounding
+  // (|k| <= 1.5, 2^-11 relative, times |q| sqrt(hd) in the score: < 2e-3).
   WindowCase f16;
   f16.fmt = "f16";
   const auto ref = run(f16, false, pool2());
   for (const char* fmt : {"int2", "int3-ch"}) {
+    const double tol = kv_format(fmt).keys_pre_rope ? 2e-3 : kTol;
     WindowCase c;
     c.fmt = fmt;
     c.window = c.n;
-    EXPECT_LT(max_diff(run(c, false, pool2()), ref), kTol) << fmt << " window";
+    EXPECT_LT(max_diff(run(c, false, pool2()), ref), tol) << fmt << " window";
     c.window = 0;
     c.sink = int(c.n);
-    EXPECT_LT(max_diff(run(c, false, pool2()), ref), kTol) << fmt << " sink";
+    EXPECT_LT(max_diff(run(c, false, pool2()), ref), tol) << fmt << " sink";
     // And without them the lossy format is far from f16 (the checks above mean something).
     c.sink = 0;
-    EXPECT_GT(max_diff(run(c, false, pool2()), ref), 100 * kTol) << fmt;
+    EXPECT_GT(max_diff(run(c, false, pool2()), ref), 20 * tol) << fmt;
   }
 }
 

@@ -369,3 +369,80 @@ TEST(KvCache, EmptyBatchIsANoOp) {
 
 }  // namespace
 }  // namespace kvq
+
+namespace kvq {
+namespace {
+
+// memory_for() computes without allocating what memory() reports for a real cache.
+TEST(KvCacheMemory, EstimateEqualsAllocation) {
+  for (const char* fmt : {"f16", "q4_0", "int2", "nuq3-1%"})
+    for (int sink : {0, 3})
+      for (int64_t window : {0, 70}) {
+        KvCacheConfig c = make_config(fmt, 2, 3, 64, 1000);
+        c.sink_tokens = sink;
+        c.window_tokens = window;
+        const KvFormat& f = *c.k_format;
+        if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
+          KvTensorCalibration cal;
+          cal.lower.assign(192, -1.0f);
+          cal.upper.assign(192, 1.0f);
+          for (int i = 0; i < (1 << f.bits); ++i) cal.codebook.push_back(-1.0f + 2.0f * float(i) / float((1 << f.bits) - 1));
+          c.k_calibration.assign(2, cal);
+          c.v_calibration.assign(2, cal);
+        }
+        KvCache cache(c);
+        int64_t n = 0;
+        for (int64_t batch : {100, 1, 1, 37}) {
+          append_random(cache, iota_pos(int32_t(n), batch), uint32_t(n + 1));
+          n += batch;
+          const KvMemory real = cache.memory(), est = KvCache::memory_for(c, n, 100);
+          SCOPED_TRACE(std::string(fmt) + " sink " + std::to_string(sink) + " window " + std::to_string(window) +
+                       " n " + std::to_string(n));
+          EXPECT_EQ(real.k, est.k);
+          EXPECT_EQ(real.v, est.v);
+          EXPECT_EQ(real.codes, est.codes);
+          EXPECT_EQ(real.scales, est.scales);
+          EXPECT_EQ(real.outliers, est.outliers);
+          EXPECT_EQ(real.full_precision, est.full_precision);
+          EXPECT_EQ(real.calibration, est.calibration);
+          EXPECT_EQ(real.total(), real.codes + real.scales + real.outliers + real.full_precision + real.calibration);
+          // Pages: ceil(n / 64) per layer.
+          const uint64_t pages = uint64_t((n + 63) / 64) * 2;
+          EXPECT_EQ(real.codes + real.scales + real.outliers, pages * (cache.view(0).v_offset +
+              make_kv_codec(*c.v_format, KvRole::value, KvGeometry{3, 64}, nullptr, true)->page_bytes()));
+        }
+      }
+}
+
+// The first sink_tokens tokens read back exactly as binary16, whatever the format.
+TEST(KvCacheSink, SinkTokensReadBackAsBinary16) {
+  KvCacheConfig c = make_config("int2", 1, 2, 32, 200);
+  c.sink_tokens = 5;
+  KvCache cache(c);
+  const auto pos = iota_pos(0, 70);
+  std::vector<float> k = random_vec(70 * 64, 11), v = random_vec(70 * 64, 12);
+  append(cache, pos, {k}, {v});
+  const KvLayerView kv = cache.view(0);
+  Rope rope(c.rope);
+  for (int64_t i = 0; i < 70; ++i)
+    for (int h = 0; h < 2; ++h) {
+      std::vector<float> key(k.begin() + i * 64 + h * 32, k.begin() + i * 64 + h * 32 + 32);
+      rope.apply(key.data(), 1, int32_t(i));  // int2 stores post-RoPE keys
+      for (int d = 0; d < 32; ++d) {
+        const float want_k = fp16_to_f32(f32_to_fp16(key[size_t(d)]));
+        const float want_v = fp16_to_f32(f32_to_fp16(v[size_t(i * 64 + h * 32 + d)]));
+        if (i < 5) {
+          EXPECT_EQ(read_k(kv, i, h, d), want_k) << i;
+          EXPECT_EQ(read_v(kv, i, h, d), want_v) << i;
+        }
+      }
+    }
+  // Later tokens are int2 codes: far from exact somewhere.
+  double worst = 0;
+  for (int64_t i = 5; i < 70; ++i)
+    for (int d = 0; d < 32; ++d) worst = std::max(worst, double(std::fabs(read_v(kv, i, 0, d) - v[size_t(i * 64 + d)])));
+  EXPECT_GT(worst, 0.1);
+}
+
+}  // namespace
+}  // namespace kvq
