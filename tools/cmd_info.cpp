@@ -98,6 +98,7 @@ int info(const InfoOptions& o) {
                     {"bytes_outliers", st.bytes_outliers},
                     {"bytes_full_precision", st.bytes_full_precision},
                     {"bytes_calibration", st.bytes_calibration},
+                    {"bytes_positions", st.bytes_positions},
                     {"bytes_per_token", double(st.bytes()) / double(ctx)}});
     }
     nlohmann::json j = {

@@ -281,15 +281,17 @@ int perplexity(const PerplexityOptions& o) {
         {"ppl", sc.ppl()},
         {"ppl_stderr", sc.ppl_se()},
         {"mean_nll", sc.mean()},
+        // Bits of K/V storage (positions and RoPE angles, shared by the layers, apart).
         {"bits_k", double(sc.kv.bytes_k) * 8 / elements},
         {"bits_v", double(sc.kv.bytes_v) * 8 / elements},
-        {"bits_per_element", double(sc.kv.bytes()) * 8 / (2 * elements)},
+        {"bits_per_element", double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * elements)},
         {"kv_bytes", sc.kv.bytes()},
         {"kv_bytes_codes", sc.kv.bytes_codes},
         {"kv_bytes_scales", sc.kv.bytes_scales},
         {"kv_bytes_outliers", sc.kv.bytes_outliers},
         {"kv_bytes_full_precision", sc.kv.bytes_full_precision},
         {"kv_bytes_calibration", sc.kv.bytes_calibration},
+        {"kv_bytes_positions", sc.kv.bytes_positions},
         {"tokens_per_s", double(n_evaluated) / sc.seconds},
     };
     if (comparing && c > 0) {
@@ -348,7 +350,7 @@ int perplexity(const PerplexityOptions& o) {
                              double(n_evaluated) / sc.seconds, n_evaluated, sc.seconds, n_threads));
     write_stdout(fmt::format("KV cache K {} / V {}: {} ({:.3f} bits per element)\n", configs[0].type_k,
                              configs[0].type_v, format_bytes(sc.kv.bytes()),
-                             double(sc.kv.bytes()) * 8 / (2 * elements)));
+                             double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * elements)));
     return 0;
   }
   write_stdout(fmt::format("{} windows of {} tokens, {} scored per cache ({} protocol), {} threads\n", n_windows, ctx,

@@ -154,7 +154,8 @@ struct KvStats {
   uint64_t bytes_codes = 0, bytes_scales = 0, bytes_outliers = 0;
   uint64_t bytes_full_precision = 0;  // sink and window side stores
   uint64_t bytes_calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
-  uint64_t bytes() const { return bytes_k + bytes_v; }
+  uint64_t bytes_positions = 0;       // per token, shared by the layers: position and RoPE angles
+  uint64_t bytes() const { return bytes_k + bytes_v + bytes_positions; }
 };
 
 // The bytes a session with these parameters holds once n_tokens tokens are in its

@@ -90,6 +90,10 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
   ensure_pages(n_tokens_ + n);
   ensure_window(n);
   positions_.insert(positions_.end(), positions.begin(), positions.end());
+  const size_t half = size_t(config_.rope.n_rot / 2);
+  rope_cs_.resize(positions_.size() * 2 * half);
+  for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i)
+    rope_.angles(positions_[i], &rope_cs_[i * 2 * half], &rope_cs_[i * 2 * half + half]);
   batch_n_ = n;
 }
 
@@ -108,7 +112,9 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
     const float* krow = k + i * row;
     if (rotate) {  // post-RoPE format: rotate on the way in
       std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
-      rope_.apply(rotated_.data(), config_.n_kv_heads, positions_[slot]);
+      const size_t half = size_t(config_.rope.n_rot / 2);
+      const float* cs = &rope_cs_[size_t(slot) * 2 * half];
+      for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(rotated_.data() + h * config_.head_dim, cs, cs + half);
       krow = rotated_.data();
     }
     const float* vrow = v + i * row;
@@ -135,6 +141,7 @@ void KvCache::end_batch() {
 
 void KvCache::abort_batch() {
   positions_.resize(size_t(n_tokens_));
+  rope_cs_.resize(size_t(n_tokens_) * size_t(config_.rope.n_rot / 2) * 2);
   for (auto& layer : layers_) layer.stored = n_tokens_;
   batch_n_ = 0;
 }
@@ -152,6 +159,7 @@ KvLayerView KvCache::view(int layer_index) const {
   v.v_offset = k_page_bytes_;
   v.positions = positions_.data();
   v.rope = &rope_;
+  v.rope_cs = rope_cs_.data();
   v.sink_tokens = int(std::min<int64_t>(config_.sink_tokens, config_.n_ctx));
   v.sink_k = layer.sink_k.data();
   v.sink_v = layer.sink_v.data();
@@ -168,6 +176,7 @@ void KvCache::clear() {
   n_tokens_ = 0;
   window_first_ = 0;
   positions_.clear();
+  rope_cs_.clear();
   for (auto& layer : layers_) layer.stored = 0;
 }
 
@@ -191,6 +200,7 @@ KvMemory KvCache::memory_for(const KvCacheConfig& c, int64_t n_tokens, int64_t m
   m.outliers = layers * pages * (kp.outliers + vp.outliers);
   m.full_precision = layers * 2 * side;
   m.calibration = layers * (kc->fixed_bytes() + vc->fixed_bytes());
+  m.positions = uint64_t(n_tokens) * (sizeof(int32_t) + uint64_t(c.rope.n_rot / 2) * 2 * sizeof(float));
   m.k = layers * (pages * kp.total() + side + kc->fixed_bytes());
   m.v = layers * (pages * vp.total() + side + vc->fixed_bytes());
   return m;
@@ -211,6 +221,7 @@ KvMemory KvCache::memory() const {
     m.k += pages * kp.total() + k_side + l.k_codec->fixed_bytes();
     m.v += pages * vp.total() + v_side + l.v_codec->fixed_bytes();
   }
+  m.positions = uint64_t(positions_.size()) * sizeof(int32_t) + uint64_t(rope_cs_.size()) * sizeof(float);
   return m;
 }
 
@@ -273,12 +284,13 @@ void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) c
   k_codec->decode(pages[p], head, n, kt);
   patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;
-  // Rotate each decoded key at its own position (the tile is channel-major).
+  // Rotate each decoded key at its own position (the tile is channel-major),
+  // with the angles the cache computed once when the token arrived.
   const RopeSpec& spec = rope->spec();
   const int half = spec.n_rot / 2;
-  float c[512], s[512];
   for (int j = 0; j < n; ++j) {
-    rope->angles(positions[p * kKvPageTokens + j], c, s);
+    const float* c = rope_cs + (p * kKvPageTokens + j) * 2 * half;
+    const float* s = c + half;
     for (int i = 0; i < half; ++i) {
       const int a = spec.neox ? i : 2 * i, b = spec.neox ? i + half : 2 * i + 1;
       const float x = kt[a * kKvPageTokens + j], y = kt[b * kKvPageTokens + j];

@@ -48,6 +48,7 @@ struct KvLayerView {
   uint64_t v_offset;                // where values start within a page
   const int32_t* positions;         // position of each slot (increasing)
   const Rope* rope;
+  const float* rope_cs;             // per slot: cos of each rotated pair, then sin (2 * n_rot/2 floats)
   // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
   // in the format's domain (unrotated for pre-RoPE formats).
   int sink_tokens;                  // slots [0, sink_tokens) come from sink_k / sink_v
@@ -72,13 +73,14 @@ struct KvLayerView {
 
 // Bytes a cache holds, by what they hold (all layers, keys and values).
 struct KvMemory {
-  uint64_t k = 0, v = 0;        // everything for keys / for values
+  uint64_t k = 0, v = 0;        // everything for keys / for values (but positions)
   uint64_t codes = 0;           // dense codes or plain elements
   uint64_t scales = 0;          // per-token / per-block scales and zero-points
   uint64_t outliers = 0;        // sparse outlier slots
   uint64_t full_precision = 0;  // sink and recent-window side stores
   uint64_t calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
-  uint64_t total() const { return k + v; }
+  uint64_t positions = 0;       // per token, shared by the layers: position and RoPE angles
+  uint64_t total() const { return k + v + positions; }
 };
 
 class KvCache {
@@ -137,6 +139,7 @@ class KvCache {
   };
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;
+  std::vector<float> rope_cs_;  // per slot: RoPE cos[n_rot/2] then sin[n_rot/2], computed once per token
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;
   int64_t window_capacity_ = 0;

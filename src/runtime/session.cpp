@@ -154,6 +154,7 @@ KvStats make_stats(const KvCacheConfig& c, int64_t n_tokens, const KvMemory& m) 
   st.bytes_outliers = m.outliers;
   st.bytes_full_precision = m.full_precision;
   st.bytes_calibration = m.calibration;
+  st.bytes_positions = m.positions;
   return st;
 }
 

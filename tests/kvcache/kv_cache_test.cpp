@@ -405,7 +405,9 @@ TEST(KvCacheMemory, EstimateEqualsAllocation) {
           EXPECT_EQ(real.outliers, est.outliers);
           EXPECT_EQ(real.full_precision, est.full_precision);
           EXPECT_EQ(real.calibration, est.calibration);
-          EXPECT_EQ(real.total(), real.codes + real.scales + real.outliers + real.full_precision + real.calibration);
+          EXPECT_EQ(real.positions, est.positions);
+          EXPECT_EQ(real.total(),
+                    real.codes + real.scales + real.outliers + real.full_precision + real.calibration + real.positions);
           // Pages: ceil(n / 64) per layer.
           const uint64_t pages = uint64_t((n + 63) / 64) * 2;
           EXPECT_EQ(real.codes + real.scales + real.outliers, pages * (cache.view(0).v_offset +

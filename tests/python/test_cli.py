@@ -297,7 +297,7 @@ def test_perplexity_sweep_orders_formats_by_damage(model, wiki_20k):
     for x in c.values():
         assert x["kld_p99"] >= 0 and x["ppl_delta_pct_se"] >= 0
         assert x["kv_bytes"] == x["kv_bytes_codes"] + x["kv_bytes_scales"] + x["kv_bytes_outliers"] \
-            + x["kv_bytes_full_precision"] + x["kv_bytes_calibration"]
+            + x["kv_bytes_full_precision"] + x["kv_bytes_calibration"] + x["kv_bytes_positions"]
 
 
 @pytest.mark.parametrize("spec", ["nope", "f16/nope", "f16+sink", "f16+bogus3", "f16+win-1"])
