@@ -329,7 +329,8 @@ int perplexity(const PerplexityOptions& o) {
     for (size_t c = 1; c < configs.size(); ++c) out["candidates"].push_back(describe(c));
   } else if (configs.size() == 1) {
     // The single-cache result keeps its flat shape.
-    for (auto& [key, value] : describe(0).items()) out[key] = value;
+    const nlohmann::json single = describe(0);  // (iterating a temporary's items() would dangle)
+    for (const auto& [key, value] : single.items()) out[key] = value;
     out["kv_type_k"] = configs[0].type_k;
     out["kv_type_v"] = configs[0].type_v;
   } else {
