@@ -448,3 +448,44 @@ TEST(KvCacheSink, SinkTokensReadBackAsBinary16) {
 
 }  // namespace
 }  // namespace kvq
+
+namespace kvq {
+namespace {
+
+// RoPE after dequantization equals RoPE before caching when quantization is
+// lossless: keys placed exactly on the 8-bit uniform grid of a per-channel
+// pre-RoPE format (calibrated range [-1, 1]) decode exactly, and the view rotates
+// them at their own positions like Rope::apply on the originals — both pairings,
+// partial rotation, positions that skip.
+TEST(KvCachePreRope, LosslessCodesRotateLikeTheFullPrecisionPath) {
+  for (bool neox : {false, true})
+    for (int n_rot : {64, 32}) {
+      KvCacheConfig c = make_config("int8-ch", 1, 2, 64, 300, neox, n_rot);
+      KvTensorCalibration cal;
+      cal.lower.assign(128, -1.0f);
+      cal.upper.assign(128, 1.0f);
+      c.k_calibration.assign(1, cal);
+      KvCache cache(c);
+      std::mt19937 rng(3);
+      std::uniform_int_distribution<int> level(0, 255);
+      const int64_t n = 130;
+      std::vector<float> k(size_t(n) * 128), v = random_vec(size_t(n) * 128, 9);
+      for (auto& x : k) x = -1.0f + 2.0f * float(level(rng)) / 255.0f;
+      const auto pos = iota_pos(5, n, 3);
+      append(cache, pos, {k}, {v});
+      const KvLayerView kv = cache.view(0);
+      ASSERT_TRUE(kv.keys_pre_rope);
+      Rope rope(c.rope);
+      double worst = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> want(k.begin() + i * 128, k.begin() + (i + 1) * 128);
+        rope.apply(want.data(), 2, pos[size_t(i)]);
+        for (int h = 0; h < 2; ++h)
+          for (int d = 0; d < 64; ++d) worst = std::max(worst, double(std::fabs(read_k(kv, i, h, d) - want[size_t(h * 64 + d)])));
+      }
+      EXPECT_LT(worst, 1e-6) << "neox " << neox << " n_rot " << n_rot;
+    }
+}
+
+}  // namespace
+}  // namespace kvq
