@@ -22,6 +22,8 @@ py_missing=()
 python3 -c "import numpy" 2>/dev/null || py_missing+=("numpy")
 python3 -c "import gguf" 2>/dev/null || py_missing+=("gguf==0.19.0")
 python3 -c "import pytest" 2>/dev/null || py_missing+=("pytest")
+# Plots of scripts/eval-kv.sh (the tests skip the PNG part without it).
+python3 -c "import matplotlib" 2>/dev/null || py_missing+=("matplotlib")
 if ((${#py_missing[@]})); then
   echo "kvq: installing Python packages: ${py_missing[*]}"
   python3 -m pip install -q "${py_missing[@]}" 2>/dev/null ||
