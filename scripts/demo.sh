@@ -2,7 +2,7 @@
 # kvq's main job from a fresh clone: install the build dependencies, build the
 # release preset, fetch the default model (SmolLM2-135M-Instruct, Q4_1),
 # calibrate its quantized KV cache once (cached beside the model), and answer one
-# chat prompt greedily with the default KVQuant cache (nuq4-1%) and with f16,
+# chat prompt greedily with the default KVQuant cache (int4-ch-1%) and with f16,
 # then compare their quality on a short text.
 #
 # usage: scripts/demo.sh [DATA_DIR]
@@ -57,8 +57,8 @@ run "default KV cache"
 run "f16 KV cache" -ctk f16 -ctv f16
 
 if [[ -f $calib && -f $data/wiki.test.txt ]]; then
-  echo "==> quality on a short text: nuq4-1% vs f16 on the same 4 windows of 512 tokens (WikiText-2 test)"
-  "$kvq" perplexity -m "$model" -f "$data/wiki.test.txt" -c 512 --chunks 4 -ctk nuq4-1% -ctv nuq4-1% --compare f16
+  echo "==> quality on a short text: the default cache vs f16 on the same 4 windows of 512 tokens (WikiText-2 test)"
+  "$kvq" perplexity -m "$model" -f "$data/wiki.test.txt" -c 512 --chunks 4 -ctk auto -ctv auto --compare f16
 fi
 echo
 echo "More: '$kvq info -c 32768' (KV cache bytes per format), '$kvq bench', '$kvq passkey', scripts/eval-kv.sh."

@@ -2,21 +2,21 @@
 # Quality sweep of the KV cache formats on the default model: WikiText-2 test,
 # KVQuant protocol, every candidate against the f16 cache on the same windows
 # (paired perplexity difference, KL divergence, top-1 agreement, bits as
-# allocated). Writes docs/kv-eval.json, docs/kv-eval.md (table) and
-# docs/kv-eval.png (perplexity delta vs bits per element).
+# allocated). Writes docs/kv-eval-sweep.json, .md (table) and .png
+# (perplexity delta vs bits per element).
 #
 # usage: scripts/eval-kv.sh [DATA_DIR]
 #   DATA_DIR holds wiki.test.txt and wiki.valid.tokens (default ../shared/data/wikitext-2
 #   next to the repository; WikiText-2 raw: rows of the test split joined with "\n\n",
 #   the validation split likewise). Environment: CTX (2048), CHUNKS (32), MODEL,
-#   THREADS, SWEEP (space-separated cache specs, overrides the default list), OUT (docs/kv-eval).
+#   THREADS, SWEEP (space-separated cache specs, overrides the default list), OUT (docs/kv-eval-sweep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 data=${1:-../shared/data/wikitext-2}
 ctx=${CTX:-2048}
 chunks=${CHUNKS:-32}
-out=${OUT:-docs/kv-eval}
+out=${OUT:-docs/kv-eval-sweep}
 kvq=build/release/kvq
 model=${MODEL:-$(scripts/fetch-model.sh)}
 threads=${THREADS:-$(nproc)}
@@ -34,7 +34,7 @@ fi
 
 # Baselines, the KVQuant presets, and the paper's ablation chain at 3 bits
 # (int3 per token -> per-channel keys -> pre-RoPE -> nuq3 -> +1% outliers -> +sink).
-default_sweep="q8_0 q4_0 int4 int3 int2 nuq4-1% nuq3-1% nuq2-1% \
+default_sweep="q8_0 q4_0 int4 int3 int2 nuq4-1% nuq3-1% nuq2-1% int4-ch-1% int3-ch-1% int2-ch-1% \
 int3-ch-post+sink0 int3-ch+sink0 nuq3+sink0 nuq3-1%+sink0"
 read -r -a specs <<<"${SWEEP:-$default_sweep}"
 args=()

@@ -51,7 +51,7 @@ void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);
 // The cache type "auto" (kvq run's default): the KVQuant preset kAutoKvType when
 // the model has a calibration sidecar (--kv-calib or the default path), else f16
 // with a note on stderr saying how to calibrate. Other names pass through.
-inline constexpr const char* kAutoKvType = "nuq4-1%";
+inline constexpr const char* kAutoKvType = "int4-ch-1%";
 std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet);
 
 // Numeric validators whose messages read well ("must be >= 0, got -5").

@@ -182,7 +182,7 @@ def test_auto_cache_is_the_kvquant_preset_once_calibrated(tiny, sidecar):
     with_calib = run_kvq(*args, "--kv-calib", sidecar)
     assert with_calib.returncode == 0, text(with_calib.stderr)
     out = json.loads(with_calib.stdout)
-    assert out["kv_type_k"] == "nuq4-1%" and out["kv_type_v"] == "nuq4-1%"
+    assert out["kv_type_k"] == "int4-ch-1%" and out["kv_type_v"] == "int4-ch-1%"
     without = run_kvq(*args, "--kv-calib", str(tiny["dir"] / "missing.gguf"))
     assert without.returncode == 0, text(without.stderr)
     assert json.loads(without.stdout)["kv_type_k"] == "f16"
