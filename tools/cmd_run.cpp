@@ -74,8 +74,8 @@ int run(const RunOptions& o) {
                          : (info.n_ctx_train > 0 ? std::min<int64_t>(kDefaultRunCtx, info.n_ctx_train) : kDefaultRunCtx);
   sp.n_threads = o.threads;
   sp.n_batch = o.n_batch;
-  sp.cache_type_k = resolve_cache_type(o.type_k, *model, o.kv, o.json);
-  sp.cache_type_v = resolve_cache_type(o.type_v, *model, o.kv, o.json);
+  sp.cache_type_k = resolve_cache_type(o.type_k, *model, o.kv, /*quiet=*/true);  // note at the end
+  sp.cache_type_v = resolve_cache_type(o.type_v, *model, o.kv, /*quiet=*/true);
   o.kv.apply_to(sp);
   if (int64_t(prompt.size()) >= sp.n_ctx)
     throw Error(fmt::format("the prompt is {} tokens but the context holds {} (and needs room to generate): "
@@ -176,6 +176,8 @@ int run(const RunOptions& o) {
              kv.type_k, kv.type_v, format_bytes(kv.bytes()), format_bytes(kv.bytes_k), format_bytes(kv.bytes_v),
              kv.n_tokens, kv.n_ctx, session.n_threads());
   if (o.temperature > 0) fmt::print(stderr, "kvq: seed {} (pass --seed {} to repeat this output)\n", smp.seed, smp.seed);
+  if (o.type_k == "auto" || o.type_v == "auto")
+    if (const std::string note = auto_cache_note(*model, o.kv); !note.empty()) fmt::print(stderr, "kvq: note: {}\n", note);
   return 0;
 }
 

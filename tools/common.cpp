@@ -95,16 +95,20 @@ const KvFormatInfo* find_kv_format(std::string_view name) {
 
 std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet) {
   if (type != "auto") return type;
+  const std::string note = auto_cache_note(model, kv);
+  if (note.empty()) return kAutoKvType;
+  static bool told = false;  // once per process, not once per K and V
+  if (!quiet && !std::exchange(told, true)) fmt::print(stderr, "kvq: note: {}\n", note);
+  return "f16";
+}
+
+std::string auto_cache_note(const Model& model, const KvCacheOptions& kv) {
   const std::string sidecar = kv.calibration.empty() ? default_kv_calibration_path(model) : kv.calibration;
   struct stat st {};
-  if (::stat(sidecar.c_str(), &st) == 0) return kAutoKvType;
-  static bool told = false;  // once per process, not once per K and V
-  if (!quiet && !std::exchange(told, true))
-    fmt::print(stderr,
-               "kvq: note: KV cache f16: no KV calibration at {} (create it once with `kvq calibrate -f TEXT`, "
-               "a few minutes, to get the {} cache at ~3.7x less memory)\n",
-               sidecar, kAutoKvType);
-  return "f16";
+  if (::stat(sidecar.c_str(), &st) == 0) return {};
+  return fmt::format("KV cache f16: no KV calibration at {} (create it once with `kvq calibrate -f TEXT`, "
+                     "a few minutes, to get the {} cache at ~3.6x less memory)",
+                     sidecar, kAutoKvType);
 }
 
 CLI::Validator kv_format_validator() {

@@ -52,7 +52,10 @@ void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);
 // the model has a calibration sidecar (--kv-calib or the default path), else f16
 // with a note on stderr saying how to calibrate. Other names pass through.
 inline constexpr const char* kAutoKvType = "int4-ch-1%";
+// `quiet` leaves the note to the caller (auto_cache_note), e.g. to print it after
+// the checks that may still fail with a one-line error.
 std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet);
+std::string auto_cache_note(const Model& model, const KvCacheOptions& kv);  // empty when calibrated
 
 // Numeric validators whose messages read well ("must be >= 0, got -5").
 CLI::Validator int_range(int64_t lo, int64_t hi);
