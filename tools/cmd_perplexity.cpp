@@ -77,25 +77,23 @@ CacheConfig parse_cache_spec(const std::string& spec, const KvCacheOptions& defa
   return c;
 }
 
-// Log-softmax of one row of logits, computed in double and stored as float.
-double log_softmax(std::span<const float> logits, float* out) {
+// log(sum(exp(logits))) in double, shifted by the max so exp never overflows.
+double log_sum_exp(std::span<const float> logits) {
   double max = -std::numeric_limits<double>::infinity();
   for (float l : logits) max = std::max(max, double(l));
   double sum = 0;
   for (float l : logits) sum += std::exp(double(l) - max);
-  const double lse = std::log(sum) + max;
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = float(double(logits[i]) - lse);
-  return lse;
+  return std::log(sum) + max;
 }
 
-// -log p(target) from raw logits, in double, shifted by the max so exp never overflows.
-double nll_of(std::span<const float> logits, int32_t target) {
-  double max = -std::numeric_limits<double>::infinity();
-  for (float l : logits) max = std::max(max, double(l));
-  double sum = 0;
-  for (float l : logits) sum += std::exp(double(l) - max);
-  return std::log(sum) + max - double(logits[size_t(target)]);
+// Log-softmax of one row of logits, stored as float.
+void log_softmax(std::span<const float> logits, float* out) {
+  const double lse = log_sum_exp(logits);
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = float(double(logits[i]) - lse);
 }
+
+// -log p(target) from raw logits.
+double nll_of(std::span<const float> logits, int32_t target) { return log_sum_exp(logits) - double(logits[size_t(target)]); }
 
 size_t argmax(std::span<const float> x) { return size_t(std::max_element(x.begin(), x.end()) - x.begin()); }
 
