@@ -180,6 +180,15 @@ class Session {
   // Same, but reports the logits after every token, in order, through `on_logits`.
   void eval_all(std::span<const int32_t> tokens, const LogitsCallback& on_logits);
 
+  // For speed measurements at depth: evaluates `seed` like eval(), then grows the
+  // context to `n_tokens` without running the model, storing the seed's own keys
+  // and values again (encoded afresh in the cache's formats) at the following
+  // positions. The cache then holds as many bytes and costs as much to attend over
+  // as after a real prefill of n_tokens, in seconds instead of minutes; what the
+  // model predicts next is meaningless. Throws if n_tokens does not fit the context
+  // or is shorter than the seed.
+  void fill_for_benchmark(std::span<const int32_t> seed, int64_t n_tokens);
+
   int64_t n_past() const;
   int64_t n_ctx() const;
   int n_threads() const;

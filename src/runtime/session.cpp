@@ -55,6 +55,43 @@ struct Session::Impl {
       cache.end_batch();
     }
   }
+
+  void fill_for_benchmark(std::span<const int32_t> seed, int64_t n_tokens) {
+    if (seed.empty()) fail("fill_for_benchmark: no seed tokens");
+    const int64_t n_seed = int64_t(seed.size());
+    if (n_tokens < cache.n_tokens() + n_seed)
+      fail("fill_for_benchmark: {} tokens are fewer than the {} held plus the {} of the seed", n_tokens,
+           cache.n_tokens(), n_seed);
+    if (n_tokens > params.n_ctx)
+      fail("fill_for_benchmark: {} tokens do not fit in the context of {} (raise -c/--ctx-size)", n_tokens,
+           params.n_ctx);
+    // The seed's pre-RoPE keys and values, per layer, as the cache is handed them.
+    const int n_layers = llama().hparams().n_layer;
+    const int64_t row = int64_t(llama().hparams().kv_dim());
+    std::vector<std::vector<float>> k(static_cast<size_t>(n_layers)), v(static_cast<size_t>(n_layers));
+    const int64_t seed_start = cache.n_tokens();
+    struct ObserverGuard {
+      KvCache& c;
+      ~ObserverGuard() { c.set_observer({}); }
+    } guard{cache};
+    cache.set_observer([&](int layer, int64_t n, const int32_t*, const float* kb, const float* vb) {
+      k[size_t(layer)].insert(k[size_t(layer)].end(), kb, kb + n * row);
+      v[size_t(layer)].insert(v[size_t(layer)].end(), vb, vb + n * row);
+    });
+    run(seed, n_seed, [](int64_t, const float*) {});  // first_logit past the end: no output head
+    cache.set_observer({});
+    // Copies of the seed, batch by batch, each batch within one copy of the seed.
+    while (cache.n_tokens() < n_tokens) {
+      const int64_t at = (cache.n_tokens() - seed_start) % n_seed;
+      const int64_t bn = std::min({n_tokens - cache.n_tokens(), n_seed - at, int64_t(params.n_batch)});
+      positions.resize(size_t(bn));
+      std::iota(positions.begin(), positions.end(), int32_t(cache.n_tokens()));
+      cache.begin_batch(positions);
+      for (int l = 0; l < n_layers; ++l)
+        cache.store(l, k[size_t(l)].data() + at * row, v[size_t(l)].data() + at * row);
+      cache.end_batch();
+    }
+  }
 };
 
 namespace {
@@ -129,6 +166,10 @@ void Session::eval_all(std::span<const int32_t> tokens, const LogitsCallback& on
   if (tokens.empty()) return;
   const int n_vocab = impl_->llama().hparams().n_vocab;
   impl_->run(tokens, 0, [&](int64_t i, const float* lg) { on_logits(i, std::span<const float>(lg, size_t(n_vocab))); });
+}
+
+void Session::fill_for_benchmark(std::span<const int32_t> seed, int64_t n_tokens) {
+  impl_->fill_for_benchmark(seed, n_tokens);
 }
 
 int64_t Session::n_past() const { return impl_->cache.n_tokens(); }

@@ -357,6 +357,26 @@ def test_bench_json(model):
     assert tests["tg8"]["bytes_per_token"] > out["weight_bytes"] * 0.99
 
 
+def test_bench_depth_fill_copy_holds_what_prefill_holds(model):
+    """A copy fill must leave the cache exactly as large as a real prefill of the same depth."""
+    out = {}
+    for how in ("copy", "prefill"):
+        p = run_kvq("bench", "-m", model, "-p", "0", "-n", "2", "-d", "600", "-r", "1",
+                    "-ctk", "q4_0", "-ctv", "f16", "--depth-fill", how, "--json")
+        assert p.returncode == 0, text(p.stderr)
+        out[how] = json.loads(p.stdout)
+        assert out[how]["depth_fill"] == how
+    copy, prefill = out["copy"]["results"][0], out["prefill"]["results"][0]
+    assert copy["test"] == prefill["test"] == "tg2 @ d600"
+    assert copy["kv_bytes"] == prefill["kv_bytes"] > 0
+
+
+def test_bench_depth_fill_rejects_unknown(model):
+    p = run_kvq("bench", "-m", model, "-d", "64", "--depth-fill", "zeros")
+    assert p.returncode == 2
+    assert "depth-fill" in text(p.stderr)
+
+
 FIVE_DIGITS = re.compile(r"(?<![0-9])[0-9]{5}(?![0-9])")
 
 
