@@ -96,21 +96,52 @@ KvLayerCalibration fit_kv_layer(const KvFitParams& p, const KvLayerCapture& cap)
   channel_bounds(ch, n, row, p.outlier_fraction, out.k_bounds[kPreRope]);
   ch = {};
 
-  // Key codebooks: pre-RoPE (the codebook formats store keys before RoPE).
+  // Key codebooks: pre-RoPE (the codebook formats store keys before RoPE), fitted
+  // on exactly what the encoder codes. With outliers, a token keeps at most
+  // k_cap elements per tail beyond the channel bounds exactly (those of largest
+  // |u|); the others beyond the bounds are coded with the dense levels like any
+  // element, so they stay in the fit, at the edge of the codebook's range
+  // (leaving them out pulled the outer centroids inwards, and every such element
+  // then lost up to the gap to +-1).
+  const int k_cap = kv_outliers_per_tail(p.outlier_fraction, row);
   std::array<WeightedHistogram, 2> kh{WeightedHistogram(p.histogram_bins), WeightedHistogram(p.histogram_bins)};
+  std::vector<double> u(static_cast<size_t>(row));
+  std::vector<int> beyond_hi, beyond_lo;
+  std::vector<uint8_t> exact(static_cast<size_t>(row));
   for (int v = 0; v < 2; ++v) {
     const KvChannelBounds& b = out.k_bounds[kPreRope][size_t(v)];
     std::vector<ZpRange> s(static_cast<size_t>(row));
     for (int c = 0; c < row; ++c) s[size_t(c)] = zp_range(b.lower[size_t(c)], b.upper[size_t(c)]);
-    for (int64_t t : kept)
+    for (int64_t t : kept) {
+      beyond_hi.clear();
+      beyond_lo.clear();
       for (int c = 0; c < row; ++c) {
+        u[size_t(c)] = normalise(cap.k[t * row + c], s[size_t(c)]);
+        if (u[size_t(c)] > 1) beyond_hi.push_back(c);
+        else if (u[size_t(c)] < -1) beyond_lo.push_back(c);
+      }
+      std::fill(exact.begin(), exact.end(), 0);
+      if (v == kOutliers1) {
+        // The k_cap of largest |u| per tail (ties: lower channel first).
+        auto keep_top = [&](std::vector<int>& idx) {
+          const size_t m = std::min(idx.size(), size_t(k_cap));
+          std::partial_sort(idx.begin(), idx.begin() + std::ptrdiff_t(m), idx.end(), [&](int a, int c) {
+            const double ua = std::abs(u[size_t(a)]), uc = std::abs(u[size_t(c)]);
+            return ua > uc || (ua == uc && a < c);
+          });
+          for (size_t j = 0; j < m; ++j) exact[size_t(idx[j])] = 1;
+        };
+        keep_top(beyond_hi);
+        keep_top(beyond_lo);
+      }
+      for (int c = 0; c < row; ++c) {
+        if (exact[size_t(c)]) continue;
         const int64_t i = t * row + c;
-        const double u = normalise(cap.k[i], s[size_t(c)]);
-        if (v == kOutliers1 && std::abs(u) > 1) continue;
         double w = p.weight_scale2 ? s[size_t(c)].r * s[size_t(c)].r : 1.0;
         if (cap.k_weight) w *= cap.k_weight[i];
-        kh[size_t(v)].add(float(u), float(w));
+        kh[size_t(v)].add(float(std::clamp(u[size_t(c)], -1.0, 1.0)), float(w));
       }
+    }
   }
 
   // Values: per token over the whole row.

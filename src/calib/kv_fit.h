@@ -6,7 +6,10 @@
 //  keys    u = (x - zp_c) / r_c with the variant's channel bounds (zp = (upper +
 //          lower)/2, r = (upper - lower)/2). Min/max bounds put every element in
 //          [-1, 1]; with the percentile bounds (0.5 / 99.5 for 1% outliers)
-//          elements with |u| > 1 are outliers and left out.
+//          a token's k = kv_outliers_per_tail(fraction, row) elements of largest
+//          |u| > 1 per tail are the encoder's exact outliers and left out; other
+//          elements beyond the bounds are coded densely, so they are fitted,
+//          clamped to [-1, 1] (exactly what the encoder does).
 //  values  per token over the whole row (all heads): zp/r from the row's min/max,
 //          or (outlier variant) from the min/max left after dropping the
 //          k = kv_outliers_per_tail(fraction, row) smallest and k largest

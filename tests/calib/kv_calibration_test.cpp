@@ -317,6 +317,52 @@ TEST(KvFit, KeyBoundsArePercentilesWithoutTheSink) {
   for (int c = 0; c < s.row(); ++c) EXPECT_GT(L.k_bounds[kPostRope][kOutliers1].lower[size_t(c)], lo[size_t(c)]);
 }
 
+// The encoder keeps at most k_cap elements per tail of a token beyond the key
+// bounds exactly; the rest are coded with the codebook like any element, so
+// the fit must see them (at the edge of the range). Four spike tokens (0.4 %,
+// inside the 0.5 % tail, so the bounds stay near +-1) have every channel at +5:
+// one element each is an exact outlier, 63 are coded densely at the top level.
+// Weighted heavily, they must pull the top centroid of the 1 % codebook to +1.
+TEST(KvFit, KeysBeyondTheOutlierCapStayInTheCodebookFit) {
+  const int row = 64;
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  std::vector<int32_t> pos;
+  std::vector<float> k, v;
+  for (int t = 0; t <= 1000; ++t) {
+    pos.push_back(t);
+    const bool spike = t % 250 == 7;
+    for (int c = 0; c < row; ++c) {
+      k.push_back(spike ? 5.0f : uni(rng));
+      v.push_back(uni(rng));
+    }
+  }
+  KvFitParams p;
+  p.n_kv_heads = 1;
+  p.head_dim = row;
+  p.rope.head_dim = row;
+  p.rope.n_rot = row;
+  p.sink_tokens = 1;
+  p.bits = {2};
+  ASSERT_EQ(kv_outliers_per_tail(p.outlier_fraction, row), 1);
+  KvLayerCapture cap;
+  cap.n_tokens = int64_t(pos.size());
+  cap.positions = pos.data();
+  cap.k = k.data();
+  cap.v = v.data();
+  auto top_centroid = [&](float spike_weight) {
+    std::vector<float> w(k.size(), 1.0f);
+    for (size_t i = 0; i < k.size(); ++i)
+      if (k[i] == 5.0f) w[i] = spike_weight;
+    cap.k_weight = w.data();
+    const KvLayerCalibration L = fit_kv_layer(p, cap);
+    EXPECT_LT(L.k_bounds[kPreRope][kOutliers1].upper[0], 1.0f);  // the spikes are beyond the bounds
+    return L.k_codebook[kOutliers1].at(2).back();
+  };
+  EXPECT_LT(top_centroid(1.0f), 0.9f);    // uniform data: top centroid near 0.75
+  EXPECT_GT(top_centroid(1e4f), 0.99f);   // the densely coded spike elements dominate
+}
+
 TEST(KvFit, ValueOutliersAreTrimmedPerToken) {
   const Synthetic s = make_synthetic();
   const KvLayerCalibration L = fit_kv_layer(fit_params(s), capture_of(s));
