@@ -75,11 +75,15 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int64_t qb_tokens = std::max(1, 24 / group);
   const int64_t n_qblocks = (a.n_q + qb_tokens - 1) / qb_tokens;
   const int64_t n_tiles = (kv.n_tokens + kTile - 1) / kTile;
-  // Split the key range when there are too few (head, block) tasks to feed every thread.
+  // Split the key range (flash-decoding) when there are too few (head, block)
+  // tasks to keep every thread busy to the end: aim at ~12 tasks per thread
+  // (tasks are taken dynamically, so the last one bounds the imbalance) but
+  // keep each split at >= 4 tiles so the merge stays negligible.
   const int64_t base_tasks = int64_t(kv.n_kv_heads) * n_qblocks;
   int64_t n_split = 1;
-  if (base_tasks < 4 * pool.size() && n_tiles > 1)
-    n_split = std::min<int64_t>(n_tiles, (4 * pool.size() + base_tasks - 1) / base_tasks);
+  const int64_t want_tasks = 12 * int64_t(pool.size());
+  if (pool.size() > 1 && base_tasks < want_tasks && n_tiles > 1)
+    n_split = std::clamp<int64_t>((want_tasks + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, n_tiles / 4));
   const int64_t tiles_per_split = (n_tiles + n_split - 1) / n_split;
   const int64_t n_tasks = base_tasks * n_split;
   const int rows_max = int(qb_tokens) * group;
@@ -119,14 +123,14 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
       std::fill_n(sc.l.begin(), rows, 0.0f);
       std::fill_n(sc.acc.begin(), size_t(rows) * hd, 0.0f);
       const int64_t p0 = split * tiles_per_split, p1 = std::min(n_tiles, p0 + tiles_per_split);
+      // Recent window: slots >= fp_all are full precision for every query of the
+      // block, slots >= fp_some for its earliest one. Where the two differ inside
+      // a tile, each query token gets the tile as it alone sees it.
+      const int64_t fp_all = kv.window_from(max_pos), fp_some = kv.window_from(a.q_pos[t0]);
       for (int64_t p = p0; p < p1; ++p) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
         const int64_t s0 = p * kTile, s1 = s0 + n;
-        // Recent window: slots >= fp_all are full precision for every query of the
-        // block, slots >= fp_some for its earliest one. Where the two differ inside
-        // this tile, each query token gets the tile as it alone sees it.
-        const int64_t fp_all = kv.window_from(max_pos), fp_some = kv.window_from(a.q_pos[t0]);
         if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
           kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
           kv.decode_values(p, kvh, sc.v.data(), fp_all);

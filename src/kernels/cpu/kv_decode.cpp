@@ -1,0 +1,31 @@
+#include "kernels/cpu/kv_decode.h"
+
+#include "base/cpu.h"
+
+namespace kvq {
+
+void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst) {
+#if defined(__x86_64__)
+  if (simd_level() >= SimdLevel::avx2 && simd::kv_decode_tile_avx2(codec.layout(), page, head, n, dst)) return;
+#endif
+  codec.decode(page, head, n, dst);
+}
+
+void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
+#if defined(__x86_64__)
+  if (simd_level() >= SimdLevel::avx2) return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
+#endif
+  constexpr int T = kKvPageTokens;
+  for (int i = 0; i < half; ++i) {
+    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const float* c = cs + i * T;
+    const float* s = cs + (half + i) * T;
+    for (int j = 0; j < n; ++j) {
+      const float x = kt[a * T + j], y = kt[b * T + j];
+      kt[a * T + j] = x * c[j] - y * s[j];
+      kt[b * T + j] = x * s[j] + y * c[j];
+    }
+  }
+}
+
+}  // namespace kvq
