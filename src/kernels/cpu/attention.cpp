@@ -11,6 +11,7 @@
 #include "base/fp16.h"
 #include "base/threads.h"
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/kv_decode.h"
 
 namespace kvq {
 
@@ -73,7 +74,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int hd = kv.head_dim;
   if (a.n_heads % kv.n_kv_heads != 0) fail("attention: {} query heads not a multiple of {} KV heads", a.n_heads, kv.n_kv_heads);
   const int group = a.n_heads / kv.n_kv_heads;
-  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0;
+  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0 && !attention_scalar();
   const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
 
   // Query blocks: a few tokens x every query head of the group share each decoded tile.

@@ -1,19 +1,29 @@
 #include "kernels/cpu/kv_decode.h"
 
+#include <atomic>
+
 #include "base/cpu.h"
 
 namespace kvq {
 
+namespace {
+std::atomic<bool> g_attention_scalar{false};
+bool fast() { return simd_level() >= SimdLevel::avx2 && !g_attention_scalar.load(std::memory_order_relaxed); }
+}  // namespace
+
+void set_attention_scalar(bool on) { g_attention_scalar.store(on); }
+bool attention_scalar() { return g_attention_scalar.load(std::memory_order_relaxed); }
+
 void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst) {
 #if defined(__x86_64__)
-  if (simd_level() >= SimdLevel::avx2 && simd::kv_decode_tile_avx2(codec.layout(), page, head, n, dst)) return;
+  if (fast() && simd::kv_decode_tile_avx2(codec.layout(), page, head, n, dst)) return;
 #endif
   codec.decode(page, head, n, dst);
 }
 
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
 #if defined(__x86_64__)
-  if (simd_level() >= SimdLevel::avx2) return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
+  if (fast()) return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
 #endif
   constexpr int T = kKvPageTokens;
   for (int i = 0; i < half; ++i) {

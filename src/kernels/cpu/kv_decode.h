@@ -28,6 +28,13 @@ void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, 
 // cs[(half + i) * kKvPageTokens + j] its sin.
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 
+// Tests only: when on, attention and the tile decoders take their scalar
+// stages (codec decode, scalar rotation and tile step) whatever simd_level()
+// says, so a whole-model run can compare the two attention paths with every
+// other kernel (the weight matmuls above all) unchanged. Off by default.
+void set_attention_scalar(bool on);
+bool attention_scalar();
+
 namespace simd {
 // Return false when the layout has no fast path (the caller falls back).
 bool kv_decode_tile_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
