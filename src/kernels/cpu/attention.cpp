@@ -77,8 +77,12 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0 && !attention_scalar();
   const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
 
-  // Query blocks: a few tokens x every query head of the group share each decoded tile.
-  const int64_t qb_tokens = std::max(1, 24 / group);
+  // Query blocks: a few tokens x every query head of the group share each decoded
+  // tile. Long batches (prefill) take 4x larger blocks, so each tile of a
+  // quantized cache is decoded once per 96 query rows rather than per 24
+  // (there are still >= 4 blocks per KV head to spread over the threads).
+  const int64_t small_block = std::max(1, 24 / group), large_block = std::max(1, 96 / group);
+  const int64_t qb_tokens = a.n_q >= 4 * large_block ? large_block : small_block;
   const int64_t n_qblocks = (a.n_q + qb_tokens - 1) / qb_tokens;
   const int64_t n_tiles = (kv.n_tokens + kTile - 1) / kTile;
   // Decode (one query block): a task covers every KV head of its pages, so it
