@@ -157,6 +157,50 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
   state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
+// Appending one token to every layer (the cost of "fast append": encode keys
+// and values, nearest level, per-token range, outlier top-k), one thread, as a
+// decode step does once per generated token.
+void BM_Append(benchmark::State& state, std::string name) {
+  const KvFormat& f = kv_format(name);
+  const KvGeometry g{kKvHeads, kHd};
+  KvCacheConfig c;
+  c.n_layers = kModelLayers;
+  c.n_kv_heads = kKvHeads;
+  c.head_dim = kHd;
+  c.n_ctx = 4096;
+  c.k_format = &f;
+  c.v_format = &f;
+  c.rope.head_dim = kHd;
+  c.rope.n_rot = kHd;
+  c.sink_tokens = f.kvquant ? 1 : 0;
+  std::mt19937 rng(1);
+  for (int l = 0; l < kModelLayers; ++l) {
+    if (f.needs_calibration(KvRole::key)) c.k_calibration.push_back(make_cal(f, g.row(), rng));
+    if (f.needs_calibration(KvRole::value)) c.v_calibration.push_back(make_cal(f, g.row(), rng));
+  }
+  KvCache cache(c);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(size_t(g.row()) * 64), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  int32_t pos = 0;
+  for (auto _ : state) {
+    if (cache.n_tokens() == c.n_ctx) {
+      state.PauseTiming();
+      cache.clear();
+      pos = 0;
+      state.ResumeTiming();
+    }
+    const int64_t row = (pos % 64) * g.row();
+    cache.begin_batch(std::span<const int32_t>(&pos, 1));
+    for (int l = 0; l < kModelLayers; ++l) cache.store(l, k.data() + row, v.data() + row);
+    cache.end_batch();
+    ++pos;
+  }
+  state.counters["us/token"] = benchmark::Counter(double(state.iterations()) * 1e-6,
+                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 const char* const kFormats[] = {"f16", "q8_0", "q4_0", "int4", "int4-ch-1%", "int3-ch-1%", "int2-ch-1%",
                                 "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq4"};
 
@@ -166,6 +210,8 @@ int register_all() {
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
         ->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))
+        ->Unit(benchmark::kMicrosecond);
   }
   return 0;
 }

@@ -298,6 +298,15 @@ static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, flo
 
 void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) const {
   const int n = page_tokens(p);
+  const int64_t first = p * kKvPageTokens;
+  if (keys_pre_rope && first >= sink_tokens && (fp_from == kKvNoWindow || fp_from >= first + n)) {
+    // No full-precision slot in this page: decode and rotate in one pass where
+    // the format has a fused kernel.
+    const RopeSpec& spec = rope->spec();
+    const int half = spec.n_rot / 2;
+    if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, rope_cs + p * 2 * half * kKvPageTokens, half, spec.neox))
+      return;
+  }
   kv_decode_tile(*k_codec, pages[p], head, n, kt);
   patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;

@@ -21,6 +21,14 @@ void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, 
   codec.decode(page, head, n, dst);
 }
 
+bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
+                           int half, bool neox) {
+#if defined(__x86_64__)
+  if (fast()) return simd::kv_decode_rotate_keys_avx2(codec.layout(), page, head, n, dst, cs, half, neox);
+#endif
+  return false;
+}
+
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
 #if defined(__x86_64__)
   if (fast()) return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);

@@ -28,6 +28,14 @@ void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, 
 // cs[(half + i) * kKvPageTokens + j] its sin.
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 
+// Keys of a pre-RoPE format, the decode, outlier and rotation stages fused
+// (one pass over the tile): equals kv_decode_tile then kv_rotate_key_tile up
+// to rounding (the outlier residuals are rotated and added after the dense
+// codes, not before). Returns false when the layout has no fused path (the
+// caller then runs the stages one by one).
+bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
+                           int half, bool neox);
+
 // Tests only: when on, attention and the tile decoders take their scalar
 // stages (codec decode, scalar rotation and tile step) whatever simd_level()
 // says, so a whole-model run can compare the two attention paths with every
@@ -39,6 +47,8 @@ namespace simd {
 // Return false when the layout has no fast path (the caller falls back).
 bool kv_decode_tile_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
 void kv_rotate_key_tile_avx2(float* kt, int n, const float* cs, int half, bool neox);
+bool kv_decode_rotate_keys_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
+                                const float* cs, int half, bool neox);
 }  // namespace simd
 
 }  // namespace kvq

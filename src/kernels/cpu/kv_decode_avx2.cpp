@@ -99,18 +99,20 @@ void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, 
   const int k2 = 2 * L.outliers_per_tail;
   if (k2 == 0) return;
   // Branch-free: about 1 in n_kv_heads slots hits this head, a coin flip the
-  // predictor cannot learn. A miss adds to a dummy instead of the tile.
+  // predictor cannot learn. A miss adds to a dummy instead of the tile; a ring
+  // of 64 dummies, so the misses do not form one chain of dependent adds.
   const int D = L.head_dim, first = head * D;
   const bool key = L.role == KvRole::key;
   const int64_t ds = key ? T : 1, js = key ? 1 : D;
-  float dummy[1] = {0.0f};
+  alignas(64) float dummy[64] = {};
+  int ring = 0;
   for (int j = 0; j < n; ++j) {
     const uint8_t* res = page + L.res_off + int64_t(j) * k2 * 2;
     const uint8_t* idx = page + L.idx_off + int64_t(j) * k2 * L.idx_bytes;
-    for (int s = 0; s < k2; ++s) {
+    for (int s = 0; s < k2; ++s, ring = (ring + 1) & 63) {
       const int index = L.idx_bytes == 1 ? idx[s] : ld16(idx + 2 * s);
       const unsigned d = unsigned(index - first);
-      float* target = d < unsigned(D) ? dst + int64_t(d) * ds + j * js : dummy;
+      float* target = d < unsigned(D) ? dst + int64_t(d) * ds + j * js : dummy + ring;
       *target += _cvtsh_ss(ld16(res + 2 * s));
     }
   }
@@ -237,7 +239,87 @@ void blocks_tile(const KvCodecLayout& L, const uint8_t* page, int head, int n, f
   }
 }
 
+// Pre-RoPE per-channel keys, stages fused: unpack + lookup of both channels
+// of each rotated pair, rotation in registers, one store; then this head's
+// sparse outlier residuals, rotated the same way and added (the rotation is
+// linear: R(x + e) = R(x) + R(e)). Equal to decode -> add outliers -> rotate
+// up to the rounding of that reordering (not bit for bit).
+template <int B>
+void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst, const float* cs,
+                        int half, bool neox) {
+  const int D = L.head_dim;
+  const int groups = (n + 7) / 8;
+  alignas(32) float ta[256], tb[256];
+  auto channel_of = [&](int i, bool second) { return neox ? (second ? i + half : i) : (second ? 2 * i + 1 : 2 * i); };
+  for (int i = 0; i < half; ++i) {
+    const int a = channel_of(i, false), b = channel_of(i, true);
+    const int ca = head * D + a, cb = head * D + b;
+    const Lut<B> la(L.levels, L.zp[ca], L.range[ca], ta), lb(L.levels, L.zp[cb], L.range[cb], tb);
+    const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
+    const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
+    const float* c = cs + i * T;
+    const float* sn = cs + (half + i) * T;
+    float* xa = dst + int64_t(a) * T;
+    float* xb = dst + int64_t(b) * T;
+    for (int g = 0; g < groups; ++g) {
+      const __m256 x = la(unpack8<B>(ra + g * B)), y = lb(unpack8<B>(rb + g * B));
+      const __m256 cv = _mm256_loadu_ps(c + 8 * g), sv = _mm256_loadu_ps(sn + 8 * g);
+      _mm256_storeu_ps(xa + 8 * g, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
+      _mm256_storeu_ps(xb + 8 * g, _mm256_add_ps(_mm256_mul_ps(x, sv), _mm256_mul_ps(y, cv)));
+    }
+  }
+  // Channels past the rotated ones (n_rot < head_dim) pass through.
+  for (int d = 2 * half; d < D; ++d) {
+    const int c = head * D + d;
+    const Lut<B> lut(L.levels, L.zp[c], L.range[c], ta);
+    const uint8_t* run = page + int64_t(c) * L.run_bytes;
+    for (int g = 0; g < groups; ++g) _mm256_storeu_ps(dst + int64_t(d) * T + 8 * g, lut(unpack8<B>(run + g * B)));
+  }
+  const int k2 = 2 * L.outliers_per_tail;
+  if (k2 == 0) return;
+  const int first = head * D;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* res = page + L.res_off + int64_t(j) * k2 * 2;
+    const uint8_t* idx = page + L.idx_off + int64_t(j) * k2 * L.idx_bytes;
+    for (int s = 0; s < k2; ++s) {
+      const int index = L.idx_bytes == 1 ? idx[s] : ld16(idx + 2 * s);
+      const unsigned d = unsigned(index - first);
+      if (d >= unsigned(D)) continue;
+      const float e = _cvtsh_ss(ld16(res + 2 * s));
+      if (int(d) >= 2 * half) {
+        dst[int64_t(d) * T + j] += e;
+        continue;
+      }
+      const int i = neox ? int(d) % half : int(d) / 2;
+      const bool second = neox ? int(d) >= half : (d & 1) != 0;
+      const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
+      float* xa = dst + int64_t(channel_of(i, false)) * T + j;
+      float* xb = dst + int64_t(channel_of(i, true)) * T + j;
+      if (!second) {  // e on x: (x + e, y) -> x' += e c, y' += e s
+        *xa += e * c;
+        *xb += e * sn;
+      } else {  // e on y: x' -= e s, y' += e c
+        *xa -= e * sn;
+        *xb += e * c;
+      }
+    }
+  }
+}
+
 }  // namespace
+
+bool kv_decode_rotate_keys_avx2(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst,
+                                const float* cs, int half, bool neox) {
+  if (L.scheme != KvScheme::quant || L.role != KvRole::key || !L.per_channel || !L.levels || !L.zp || !L.range)
+    return false;
+  switch (L.bits) {
+    case 2: keys_quant_rotated<2>(L, page, head, n, dst, cs, half, neox); return true;
+    case 3: keys_quant_rotated<3>(L, page, head, n, dst, cs, half, neox); return true;
+    case 4: keys_quant_rotated<4>(L, page, head, n, dst, cs, half, neox); return true;
+    case 8: keys_quant_rotated<8>(L, page, head, n, dst, cs, half, neox); return true;
+    default: return false;
+  }
+}
 
 bool kv_decode_tile_avx2(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
   const bool key = L.role == KvRole::key;
