@@ -104,6 +104,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int rows_max = int(qb_tokens) * group;        // rows of one KV head
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
   const uint64_t page_bytes = kv.v_offset + kv.v_codec->page_bytes();
+  const int64_t cs_page = int64_t(kv.rope->spec().n_rot) * kTile;  // floats of one page's RoPE angles
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
   const int64_t state_stride = hd + 2;
@@ -150,7 +151,10 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
       for (int64_t p = p0; p < p1; ++p) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
         // The next page of this task, while this one is decoded and scored.
-        if (p + 1 < p1) prefetch_page(kv.pages[p + 1], page_bytes);
+        if (p + 1 < p1) {
+          prefetch_page(kv.pages[p + 1], page_bytes);
+          if (kv.keys_pre_rope) prefetch_page(reinterpret_cast<const uint8_t*>(kv.rope_cs + (p + 1) * cs_page), cs_page * 4);
+        }
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
         const int64_t s0 = p * kTile, s1 = s0 + n;
         for (int hh = 0; hh < heads_per_task; ++hh) {
