@@ -155,11 +155,69 @@ void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, fl
   add_outliers(L, page, head, n, dst);
 }
 
+// 4-bit codes, 32 at a time, looked up with byte shuffles (FAISS fast-scan
+// style): the 16-entry float table split into 4 byte planes, one vpshufb per
+// plane gives byte k of every element's level, and unpacks reassemble the
+// floats (bit-exact: the very bytes of L[c]). ~9 uops per 8 elements against
+// ~12 for unpack-by-shift + two vpermps + blend.
+struct Lut4Bytes {
+  __m256i plane[4];
+  explicit Lut4Bytes(const float* table) {
+    alignas(16) uint8_t pl[4][16];
+    for (int l = 0; l < 16; ++l) {
+      uint32_t u;
+      std::memcpy(&u, table + l, 4);
+      for (int b = 0; b < 4; ++b) pl[b][l] = uint8_t(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b)
+      plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(pl[b])));
+  }
+  // Levels of the 32 codes packed LSB-first in 16 bytes at p, in element order.
+  inline void lookup32(const uint8_t* p, __m256 out[4]) const {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i m = _mm_set1_epi8(0x0f);
+    const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+    // Element 2i is the low nibble of byte i, 2i+1 the high one.
+    const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+    const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
+    const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
+    const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i w23l = _mm256_unpacklo_epi8(b2, b3), w23h = _mm256_unpackhi_epi8(b2, b3);
+    // Per 128-bit lane (lane 0: elements 0..15, lane 1: 16..31):
+    const __m256i f0 = _mm256_unpacklo_epi16(w01l, w23l);  // 0..3   | 16..19
+    const __m256i f1 = _mm256_unpackhi_epi16(w01l, w23l);  // 4..7   | 20..23
+    const __m256i f2 = _mm256_unpacklo_epi16(w01h, w23h);  // 8..11  | 24..27
+    const __m256i f3 = _mm256_unpackhi_epi16(w01h, w23h);  // 12..15 | 28..31
+    out[0] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x20));
+    out[1] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x20));
+    out[2] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x31));
+    out[3] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x31));
+  }
+};
+
 // Values, token-major dst[j * D + d]: each slot's head vector is one packed
 // run; the slot's fp16 zp and range broadcast over it.
 template <int B>
 void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
   const int D = L.head_dim;
+  if constexpr (B == 4) {
+    if (D % 32 == 0) {
+      const Lut4Bytes lut(L.levels);
+      for (int j = 0; j < n; ++j) {
+        const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
+        const __m256 zv = _mm256_set1_ps(_cvtsh_ss(ld16(sc))), rv = _mm256_set1_ps(_cvtsh_ss(ld16(sc + 2)));
+        const uint8_t* run = page + (int64_t(head) * T + j) * L.run_bytes;
+        float* out = dst + int64_t(j) * D;
+        for (int d0 = 0; d0 < D; d0 += 32) {
+          __m256 lv[4];
+          lut.lookup32(run + d0 / 2, lv);
+          for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + d0 + 8 * k, _mm256_add_ps(zv, _mm256_mul_ps(rv, lv[k])));
+        }
+      }
+      add_outliers(L, page, head, n, dst);
+      return;
+    }
+  }
   const int full = D / 8 * 8;
   const Lut<B> lut(L.levels);
   for (int j = 0; j < n; ++j) {
