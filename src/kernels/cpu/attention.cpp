@@ -104,7 +104,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int rows_max = int(qb_tokens) * group;        // rows of one KV head
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
   const uint64_t page_bytes = kv.v_offset + kv.v_codec->page_bytes();
-  const int64_t cs_page = int64_t(kv.rope->spec().n_rot) * kTile;  // floats of one page's RoPE angles
+  const int64_t cs_page = kv.keys_pre_rope ? int64_t(kv.rope->spec().n_rot) * kTile : 0;  // floats of one page's RoPE angles
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
   const int64_t state_stride = hd + 2;

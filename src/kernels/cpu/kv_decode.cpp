@@ -8,7 +8,7 @@ namespace kvq {
 
 namespace {
 std::atomic<bool> g_attention_scalar{false};
-bool fast() { return simd_level() >= SimdLevel::avx2 && !g_attention_scalar.load(std::memory_order_relaxed); }
+[[maybe_unused]] bool fast() { return simd_level() >= SimdLevel::avx2 && !g_attention_scalar.load(std::memory_order_relaxed); }
 }  // namespace
 
 void set_attention_scalar(bool on) { g_attention_scalar.store(on); }
