@@ -99,7 +99,13 @@ template <class B>
 class BlockCodec final : public KvCodec {
  public:
   BlockCodec(KvRole role, const KvGeometry& g)
-      : role_(role), g_(g), nb_((g.head_dim + kBlock - 1) / kBlock), slot_bytes_(int64_t(nb_) * B::kBytes) {}
+      : role_(role), g_(g), nb_((g.head_dim + kBlock - 1) / kBlock), slot_bytes_(int64_t(nb_) * B::kBytes) {
+    layout_.scheme = B::kBytes == 2 + kBlock ? KvScheme::q8_0 : KvScheme::q4_0;
+    layout_.role = role;
+    layout_.n_kv_heads = g.n_kv_heads;
+    layout_.head_dim = g.head_dim;
+    layout_.slot_bytes = slot_bytes_;
+  }
 
   KvPageBytes page_layout() const override {
     const uint64_t blocks = uint64_t(g_.n_kv_heads) * kKvPageTokens * uint64_t(nb_);

@@ -172,6 +172,21 @@ class QuantCodec final : public KvCodec {
       mids_.resize(size_t(nlev_ - 1));
       for (int c = 0; c + 1 < nlev_; ++c) mids_[size_t(c)] = (double(levels_[size_t(c)]) + levels_[size_t(c + 1)]) / 2;
     }
+    layout_.scheme = KvScheme::quant;
+    layout_.role = role;
+    layout_.n_kv_heads = g.n_kv_heads;
+    layout_.head_dim = g.head_dim;
+    layout_.bits = bits_;
+    layout_.levels = levels_.empty() ? nullptr : levels_.data();
+    layout_.per_channel = per_channel_;
+    layout_.zp = zp_.empty() ? nullptr : zp_.data();
+    layout_.range = r_.empty() ? nullptr : r_.data();
+    layout_.run_bytes = run_bytes_;
+    layout_.codes_bytes = codes_bytes_;
+    layout_.outliers_per_tail = k_;
+    layout_.idx_bytes = idx_bytes_;
+    layout_.res_off = res_off_;
+    layout_.idx_off = idx_off_;
   }
 
   KvPageBytes page_layout() const override {
@@ -212,11 +227,19 @@ class QuantCodec final : public KvCodec {
   // the end levels. No float->int conversion, so no UB on any input.
   uint32_t nearest(float u) const {
     const double du = u;
-    int lo = 0, hi = nlev_ - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2;
-      if (du > mids_[size_t(mid)]) lo = mid + 1;
-      else hi = mid;
+    int lo = 0;
+    if (nlev_ <= 16) {
+      // Few levels: count the thresholds below u without branches (the same
+      // count the binary search finds, since the thresholds are sorted); a
+      // data-dependent branch per level step mispredicts half the time.
+      for (int c = 0; c + 1 < nlev_; ++c) lo += du > mids_[size_t(c)];
+    } else {
+      int hi = nlev_ - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (du > mids_[size_t(mid)]) lo = mid + 1;
+        else hi = mid;
+      }
     }
     while (lo > 0 && levels_[size_t(lo - 1)] == levels_[size_t(lo)]) --lo;
     return uint32_t(lo);

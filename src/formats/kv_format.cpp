@@ -19,7 +19,12 @@ namespace {
 template <class T>
 class PlainCodec final : public KvCodec {
  public:
-  PlainCodec(KvRole role, const KvGeometry& g) : role_(role), g_(g) {}
+  PlainCodec(KvRole role, const KvGeometry& g) : role_(role), g_(g) {
+    layout_.scheme = sizeof(T) == 4 ? KvScheme::f32 : KvScheme::f16;
+    layout_.role = role;
+    layout_.n_kv_heads = g.n_kv_heads;
+    layout_.head_dim = g.head_dim;
+  }
   KvPageBytes page_layout() const override { return {uint64_t(g_.row()) * kKvPageTokens * sizeof(T), 0, 0}; }
 
   void encode(const float* row, int slot, uint8_t* page) const override {

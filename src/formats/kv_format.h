@@ -90,6 +90,30 @@ struct KvPageBytes {
   uint64_t total() const { return codes + scales + outliers; }
 };
 
+// Where a codec keeps what, for fast kernels that read pages directly
+// (src/kernels/cpu/kv_decode*.cpp). A plain description of the layout in
+// docs/formats.md plus the per-layer constants; the codec's decode() stays the
+// oracle. Pointers stay valid as long as the codec lives.
+struct KvCodecLayout {
+  KvScheme scheme = KvScheme::f32;
+  KvRole role = KvRole::key;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  // KvScheme::quant
+  int bits = 0;
+  const float* levels = nullptr;   // 2^bits level table L
+  bool per_channel = false;        // keys with calibrated per-channel zp/range
+  const float* zp = nullptr;       // per row channel (per_channel only)
+  const float* range = nullptr;
+  int64_t run_bytes = 0;           // keys: one channel's 64 codes; values: one head vector
+  int64_t codes_bytes = 0;         // scales (fp16 zp, fp16 range per slot) start here
+  int outliers_per_tail = 0;       // k: each slot holds 2k (fp16 residual, index) pairs
+  int idx_bytes = 1;               // outlier index width (1 or 2)
+  int64_t res_off = 0, idx_off = 0;
+  // KvScheme::q8_0 / q4_0: one head vector of one slot, [head][slot][block]
+  int64_t slot_bytes = 0;
+};
+
 // One layer's K or V storage in one format. Immutable and thread-safe after construction.
 class KvCodec {
  public:
@@ -109,6 +133,11 @@ class KvCodec {
   // dst[d * kKvPageTokens + j], values token-major dst[j * head_dim + d].
   // Slots >= n of the tile are left unspecified.
   virtual void decode(const uint8_t* page, int head, int n, float* dst) const = 0;
+  // The layout for fast kernels (valid only for a codec that can decode).
+  const KvCodecLayout& layout() const { return layout_; }
+
+ protected:
+  KvCodecLayout layout_;
 };
 
 std::span<const KvFormat> kv_format_table();

@@ -6,6 +6,7 @@
 #include "base/error.h"
 #include "base/fp16.h"
 #include "base/fp16_row.h"
+#include "kernels/cpu/kv_decode.h"
 
 namespace kvq {
 
@@ -90,10 +91,20 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
   ensure_pages(n_tokens_ + n);
   ensure_window(n);
   positions_.insert(positions_.end(), positions.begin(), positions.end());
+  // Angles page-transposed (see KvLayerView::rope_cs): whole pages, so a fast
+  // kernel can rotate 8 slots at a time without gathers.
   const size_t half = size_t(config_.rope.n_rot / 2);
-  rope_cs_.resize(positions_.size() * 2 * half);
-  for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i)
-    rope_.angles(positions_[i], &rope_cs_[i * 2 * half], &rope_cs_[i * 2 * half + half]);
+  const size_t page_floats = 2 * half * kKvPageTokens;
+  rope_cs_.resize((positions_.size() + kKvPageTokens - 1) / kKvPageTokens * page_floats);
+  std::vector<float> c(half), s(half);
+  for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i) {
+    rope_.angles(positions_[i], c.data(), s.data());
+    float* page = &rope_cs_[i / kKvPageTokens * page_floats + i % kKvPageTokens];
+    for (size_t k = 0; k < half; ++k) {
+      page[k * kKvPageTokens] = c[k];
+      page[(half + k) * kKvPageTokens] = s[k];
+    }
+  }
   batch_n_ = n;
 }
 
@@ -113,8 +124,11 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
     if (rotate) {  // post-RoPE format: rotate on the way in
       std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
       const size_t half = size_t(config_.rope.n_rot / 2);
-      const float* cs = &rope_cs_[size_t(slot) * 2 * half];
-      for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(rotated_.data() + h * config_.head_dim, cs, cs + half);
+      const float* cs = &rope_cs_[size_t(slot) / kKvPageTokens * 2 * half * kKvPageTokens + size_t(slot) % kKvPageTokens];
+      slot_cs_.resize(2 * half);
+      for (size_t k = 0; k < 2 * half; ++k) slot_cs_[k] = cs[k * kKvPageTokens];
+      for (int h = 0; h < config_.n_kv_heads; ++h)
+        rope_.rotate(rotated_.data() + h * config_.head_dim, slot_cs_.data(), slot_cs_.data() + half);
       krow = rotated_.data();
     }
     const float* vrow = v + i * row;
@@ -141,7 +155,8 @@ void KvCache::end_batch() {
 
 void KvCache::abort_batch() {
   positions_.resize(size_t(n_tokens_));
-  rope_cs_.resize(size_t(n_tokens_) * size_t(config_.rope.n_rot / 2) * 2);
+  rope_cs_.resize(size_t((n_tokens_ + kKvPageTokens - 1) / kKvPageTokens) * size_t(config_.rope.n_rot / 2) * 2 *
+                  kKvPageTokens);
   for (auto& layer : layers_) layer.stored = n_tokens_;
   batch_n_ = 0;
 }
@@ -221,7 +236,9 @@ KvMemory KvCache::memory() const {
     m.k += pages * kp.total() + k_side + l.k_codec->fixed_bytes();
     m.v += pages * vp.total() + v_side + l.v_codec->fixed_bytes();
   }
-  m.positions = uint64_t(positions_.size()) * sizeof(int32_t) + uint64_t(rope_cs_.size()) * sizeof(float);
+  // Per token held (the angle table's padding to a whole page is not counted,
+  // as memory_for() does not).
+  m.positions = uint64_t(positions_.size()) * (sizeof(int32_t) + uint64_t(config_.rope.n_rot / 2) * 2 * sizeof(float));
   return m;
 }
 
@@ -281,27 +298,27 @@ static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, flo
 
 void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) const {
   const int n = page_tokens(p);
-  k_codec->decode(pages[p], head, n, kt);
+  const int64_t first = p * kKvPageTokens;
+  if (keys_pre_rope && first >= sink_tokens && (fp_from == kKvNoWindow || fp_from >= first + n)) {
+    // No full-precision slot in this page: decode and rotate in one pass where
+    // the format has a fused kernel.
+    const RopeSpec& spec = rope->spec();
+    const int half = spec.n_rot / 2;
+    if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, rope_cs + p * 2 * half * kKvPageTokens, half, spec.neox))
+      return;
+  }
+  kv_decode_tile(*k_codec, pages[p], head, n, kt);
   patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;
   // Rotate each decoded key at its own position (the tile is channel-major),
   // with the angles the cache computed once when the token arrived.
   const RopeSpec& spec = rope->spec();
   const int half = spec.n_rot / 2;
-  for (int j = 0; j < n; ++j) {
-    const float* c = rope_cs + (p * kKvPageTokens + j) * 2 * half;
-    const float* s = c + half;
-    for (int i = 0; i < half; ++i) {
-      const int a = spec.neox ? i : 2 * i, b = spec.neox ? i + half : 2 * i + 1;
-      const float x = kt[a * kKvPageTokens + j], y = kt[b * kKvPageTokens + j];
-      kt[a * kKvPageTokens + j] = x * c[i] - y * s[i];
-      kt[b * kKvPageTokens + j] = x * s[i] + y * c[i];
-    }
-  }
+  kv_rotate_key_tile(kt, n, rope_cs + p * 2 * half * kKvPageTokens, half, spec.neox);
 }
 
 void KvLayerView::decode_values(int64_t p, int head, float* v, int64_t fp_from) const {
-  v_codec->decode(pages[p] + v_offset, head, page_tokens(p), v);
+  kv_decode_tile(*v_codec, pages[p] + v_offset, head, page_tokens(p), v);
   patch_full_precision(*this, p, head, v, false, fp_from);
 }
 

@@ -48,7 +48,10 @@ struct KvLayerView {
   uint64_t v_offset;                // where values start within a page
   const int32_t* positions;         // position of each slot (increasing)
   const Rope* rope;
-  const float* rope_cs;             // per slot: cos of each rotated pair, then sin (2 * n_rot/2 floats)
+  // RoPE angles, page-transposed: page p holds 2 * n_rot/2 rows of
+  // kKvPageTokens floats, cos of pair i at rope_cs[(p*n_rot + i)*64 + j], its
+  // sin n_rot/2 rows further (whole pages: slots past n_tokens hold zeros or stale angles).
+  const float* rope_cs;
   // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
   // in the format's domain (unrotated for pre-RoPE formats).
   int sink_tokens;                  // slots [0, sink_tokens) come from sink_k / sink_v
@@ -139,7 +142,8 @@ class KvCache {
   };
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;
-  std::vector<float> rope_cs_;  // per slot: RoPE cos[n_rot/2] then sin[n_rot/2], computed once per token
+  std::vector<float> rope_cs_;  // RoPE angles per page, transposed (KvLayerView::rope_cs), computed once per token
+  std::vector<float> slot_cs_;  // scratch: one slot's cos then sin
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;
   int64_t window_capacity_ = 0;

@@ -98,6 +98,21 @@ struct AttnSetup {
     cfg.v_format = &kv_format(c.fmt);
     cfg.rope.head_dim = c.hd;
     cfg.rope.n_rot = c.hd;
+    const KvFormat& f = kv_format(c.fmt);
+    if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
+      // Bounds a little inside the data (so 1% formats find outliers) and a
+      // warped, sorted codebook.
+      KvTensorCalibration cal;
+      cal.lower.assign(size_t(c.n_kv * c.hd), -0.9f * c.k_amp);
+      cal.upper.assign(size_t(c.n_kv * c.hd), 0.9f * c.k_amp);
+      const int n_lev = 1 << f.bits;
+      for (int i = 0; i < n_lev; ++i) {
+        const float x = -1.0f + 2.0f * float(i) / float(n_lev - 1);
+        cal.codebook.push_back(x * std::fabs(x) * 0.5f + x * 0.5f);
+      }
+      cfg.k_calibration.assign(1, cal);
+      cfg.v_calibration.assign(1, cal);
+    }
     cache = std::make_unique<KvCache>(cfg);
 
     std::mt19937 rng(c.seed);
@@ -249,6 +264,26 @@ TEST(Attention, MatchesReferenceAcrossShapes) {
 }
 
 // Every head size x GQA group x format, for a decode step and a prefill block.
+// Through every format of the table (fast tile decoders included), in the
+// default model's shape: decode (one query: split-K, all KV heads per task),
+// a short batch, and a long one (prefill's large query blocks).
+TEST(Attention, MatchesReferenceThroughEveryFormatModelShape) {
+  int k = 0;
+  for (const KvFormat& f : kv_format_table())
+    for (int64_t nq : {1, 20, 140}) {
+      Case c;
+      c.n_tokens = nq == 1 ? 700 : 333;
+      c.n_q = nq;
+      c.group = 3;
+      c.n_kv = 3;
+      c.hd = 64;
+      c.threads = 2;
+      c.fmt = std::string(f.name);
+      c.seed = uint32_t(900 + k++);
+      check_case(c);
+    }
+}
+
 TEST(Attention, MatchesReferenceHeadSizesGroupsFormats) {
   int k = 0;
   for (int hd : {8, 12, 16, 64, 80, 128})

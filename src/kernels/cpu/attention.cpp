@@ -11,6 +11,7 @@
 #include "base/fp16.h"
 #include "base/threads.h"
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/kv_decode.h"
 
 namespace kvq {
 
@@ -61,6 +62,11 @@ struct Scratch {
   std::vector<int32_t> row_pos;
 };
 
+// Asks for a page's bytes ahead of use (a hint; no ISA requirement).
+inline void prefetch_page(const uint8_t* page, uint64_t bytes) {
+  for (uint64_t off = 0; off < bytes; off += 64) __builtin_prefetch(page + off, 0, 3);
+}
+
 }  // namespace
 
 void attention(const AttentionArgs& a, ThreadPool& pool) {
@@ -68,95 +74,124 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int hd = kv.head_dim;
   if (a.n_heads % kv.n_kv_heads != 0) fail("attention: {} query heads not a multiple of {} KV heads", a.n_heads, kv.n_kv_heads);
   const int group = a.n_heads / kv.n_kv_heads;
-  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0;
+  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0 && !attention_scalar();
   const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
 
-  // Query blocks: a few tokens x every query head of the group share each decoded tile.
-  const int64_t qb_tokens = std::max(1, 24 / group);
+  // Query blocks: a few tokens x every query head of the group share each decoded
+  // tile. Long batches (prefill) take 4x larger blocks, so each tile of a
+  // quantized cache is decoded once per 96 query rows rather than per 24
+  // (there are still >= 4 blocks per KV head to spread over the threads).
+  const int64_t small_block = std::max(1, 24 / group), large_block = std::max(1, 96 / group);
+  const int64_t qb_tokens = a.n_q >= 4 * large_block ? large_block : small_block;
   const int64_t n_qblocks = (a.n_q + qb_tokens - 1) / qb_tokens;
   const int64_t n_tiles = (kv.n_tokens + kTile - 1) / kTile;
-  // Split the key range when there are too few (head, block) tasks to feed every thread.
-  const int64_t base_tasks = int64_t(kv.n_kv_heads) * n_qblocks;
+  // Decode (one query block): a task covers every KV head of its pages, so it
+  // streams whole pages (keys of all heads, then values) front to back, which
+  // the prefetchers follow; more query blocks: one KV head per task.
+  const int heads_per_task = n_qblocks == 1 ? kv.n_kv_heads : 1;
+  const int n_hblocks = kv.n_kv_heads / heads_per_task;
+  // Split the key range (flash-decoding) when there are too few (heads, block)
+  // tasks to keep every thread busy to the end: aim at ~12 tasks per thread
+  // (tasks are taken dynamically, so the last one bounds the imbalance) but
+  // keep each split at >= 4 tiles so the merge stays negligible.
+  const int64_t base_tasks = int64_t(n_hblocks) * n_qblocks;
   int64_t n_split = 1;
-  if (base_tasks < 4 * pool.size() && n_tiles > 1)
-    n_split = std::min<int64_t>(n_tiles, (4 * pool.size() + base_tasks - 1) / base_tasks);
+  const int64_t want_tasks = 12 * int64_t(pool.size());
+  if (pool.size() > 1 && base_tasks < want_tasks && n_tiles > 1)
+    n_split = std::clamp<int64_t>((want_tasks + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, n_tiles / 4));
   const int64_t tiles_per_split = (n_tiles + n_split - 1) / n_split;
   const int64_t n_tasks = base_tasks * n_split;
-  const int rows_max = int(qb_tokens) * group;
+  const int rows_max = int(qb_tokens) * group;        // rows of one KV head
+  const int task_rows = rows_max * heads_per_task;    // state rows of one task
+  const uint64_t page_bytes = kv.v_offset + kv.v_codec->page_bytes();
+  const int64_t cs_page = kv.keys_pre_rope ? int64_t(kv.rope->spec().n_rot) * kTile : 0;  // floats of one page's RoPE angles
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
   const int64_t state_stride = hd + 2;
-  std::vector<float> partial(n_split > 1 ? size_t(n_tasks * rows_max * state_stride) : 0);
+  std::vector<float> partial(n_split > 1 ? size_t(n_tasks * task_rows * state_stride) : 0);
 
   std::atomic<int64_t> next{0};
   pool.run([&](int, int) {
     thread_local Scratch sc;
-    sc.q.resize(size_t(rows_max) * hd);
+    sc.q.resize(size_t(task_rows) * hd);
     sc.kt.resize(size_t(hd) * kTile);
     sc.v.resize(size_t(hd) * kTile);
     sc.s.resize(size_t(rows_max) * kTile);
-    sc.acc.resize(size_t(rows_max) * hd);
-    sc.m.resize(rows_max);
-    sc.l.resize(rows_max);
+    sc.acc.resize(size_t(task_rows) * hd);
+    sc.m.resize(task_rows);
+    sc.l.resize(task_rows);
     sc.row_pos.resize(rows_max);
     for (int64_t task; (task = next.fetch_add(1)) < n_tasks;) {
       const int64_t split = task % n_split;
       const int64_t qb = (task / n_split) % n_qblocks;
-      const int kvh = int(task / n_split / n_qblocks);
+      const int h0 = int(task / n_split / n_qblocks) * heads_per_task;
       const int64_t t0 = qb * qb_tokens, t1 = std::min(a.n_q, t0 + qb_tokens);
       const int rows = int(t1 - t0) * group;
       int32_t max_pos = std::numeric_limits<int32_t>::min();
       for (int64_t t = t0; t < t1; ++t) {
-        for (int g = 0; g < group; ++g) {
-          const int r = int(t - t0) * group + g;
-          const float* src = a.q + (t * a.n_heads + kvh * group + g) * hd;
-          for (int d = 0; d < hd; ++d) sc.q[size_t(r) * hd + d] = src[d] * a.scale;
-          sc.row_pos[r] = a.q_pos[t];
-        }
+        for (int g = 0; g < group; ++g) sc.row_pos[int(t - t0) * group + g] = a.q_pos[t];
         max_pos = std::max(max_pos, a.q_pos[t]);
       }
-      std::fill_n(sc.m.begin(), rows, -std::numeric_limits<float>::infinity());
-      std::fill_n(sc.l.begin(), rows, 0.0f);
-      std::fill_n(sc.acc.begin(), size_t(rows) * hd, 0.0f);
+      // Rows of head h0 + hh start at hh * rows_max.
+      for (int hh = 0; hh < heads_per_task; ++hh)
+        for (int64_t t = t0; t < t1; ++t)
+          for (int g = 0; g < group; ++g) {
+            const int r = hh * rows_max + int(t - t0) * group + g;
+            const float* src = a.q + (t * a.n_heads + (h0 + hh) * group + g) * hd;
+            for (int d = 0; d < hd; ++d) sc.q[size_t(r) * hd + d] = src[d] * a.scale;
+          }
+      std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+      std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
       const int64_t p0 = split * tiles_per_split, p1 = std::min(n_tiles, p0 + tiles_per_split);
+      // Recent window: slots >= fp_all are full precision for every query of the
+      // block, slots >= fp_some for its earliest one. Where the two differ inside
+      // a tile, each query token gets the tile as it alone sees it.
+      const int64_t fp_all = kv.window_from(max_pos), fp_some = kv.window_from(a.q_pos[t0]);
       for (int64_t p = p0; p < p1; ++p) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
+        // The next page of this task, while this one is decoded and scored.
+        if (p + 1 < p1) {
+          prefetch_page(kv.pages[p + 1], page_bytes);
+          if (kv.keys_pre_rope) prefetch_page(reinterpret_cast<const uint8_t*>(kv.rope_cs + (p + 1) * cs_page), cs_page * 4);
+        }
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
         const int64_t s0 = p * kTile, s1 = s0 + n;
-        // Recent window: slots >= fp_all are full precision for every query of the
-        // block, slots >= fp_some for its earliest one. Where the two differ inside
-        // this tile, each query token gets the tile as it alone sees it.
-        const int64_t fp_all = kv.window_from(max_pos), fp_some = kv.window_from(a.q_pos[t0]);
-        if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
-          kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
-          kv.decode_values(p, kvh, sc.v.data(), fp_all);
-          tile_step({sc.q.data(), rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0, sc.row_pos.data(),
-                     sc.m.data(), sc.l.data(), sc.acc.data(), sc.s.data()});
-          continue;
-        }
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t fp = kv.window_from(a.q_pos[t]);
-          const int64_t r0 = (t - t0) * group;
-          kv.decode_keys(p, kvh, sc.kt.data(), fp);
-          kv.decode_values(p, kvh, sc.v.data(), fp);
-          tile_step({sc.q.data() + r0 * hd, group, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
-                     sc.row_pos.data() + r0, sc.m.data() + r0, sc.l.data() + r0, sc.acc.data() + r0 * hd,
-                     sc.s.data()});
+        for (int hh = 0; hh < heads_per_task; ++hh) {
+          const int kvh = h0 + hh;
+          const int64_t hr = int64_t(hh) * rows_max;
+          if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
+            kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
+            kv.decode_values(p, kvh, sc.v.data(), fp_all);
+            tile_step({sc.q.data() + hr * hd, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+                       sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()});
+            continue;
+          }
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t fp = kv.window_from(a.q_pos[t]);
+            const int64_t r0 = (t - t0) * group;
+            kv.decode_keys(p, kvh, sc.kt.data(), fp);
+            kv.decode_values(p, kvh, sc.v.data(), fp);
+            tile_step({sc.q.data() + (hr + r0) * hd, group, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+                       sc.row_pos.data() + r0, sc.m.data() + hr + r0, sc.l.data() + hr + r0,
+                       sc.acc.data() + (hr + r0) * hd, sc.s.data()});
+          }
         }
       }
-      if (n_split == 1) {
+      for (int hh = 0; hh < heads_per_task; ++hh) {
         for (int r = 0; r < rows; ++r) {
-          const int64_t t = t0 + r / group;
-          float* dst = a.out + (t * a.n_heads + kvh * group + r % group) * hd;
-          const float inv = sc.l[r] > 0 ? 1.0f / sc.l[r] : 0.0f;
-          for (int d = 0; d < hd; ++d) dst[d] = sc.acc[size_t(r) * hd + d] * inv;
-        }
-      } else {
-        float* st = partial.data() + size_t(task) * rows_max * state_stride;
-        for (int r = 0; r < rows; ++r) {
-          st[r * state_stride] = sc.m[r];
-          st[r * state_stride + 1] = sc.l[r];
-          std::copy_n(sc.acc.data() + size_t(r) * hd, hd, st + r * state_stride + 2);
+          const int sr = hh * rows_max + r;
+          if (n_split == 1) {
+            const int64_t t = t0 + r / group;
+            float* dst = a.out + (t * a.n_heads + (h0 + hh) * group + r % group) * hd;
+            const float inv = sc.l[sr] > 0 ? 1.0f / sc.l[sr] : 0.0f;
+            for (int d = 0; d < hd; ++d) dst[d] = sc.acc[size_t(sr) * hd + d] * inv;
+          } else {
+            float* st = partial.data() + (size_t(task) * task_rows + sr) * state_stride;
+            st[0] = sc.m[sr];
+            st[1] = sc.l[sr];
+            std::copy_n(sc.acc.data() + size_t(sr) * hd, hd, st + 2);
+          }
         }
       }
     }
@@ -164,35 +199,41 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   if (n_split == 1) return;
 
   // Merge the split states: rescale each part to the common max, then normalise.
-  pool.parallel_for(base_tasks, [&](int64_t b0, int64_t b1) {
+  auto merge = [&](int64_t b0, int64_t b1) {
     std::vector<float> acc(hd);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t qb = b % n_qblocks;
-      const int kvh = int(b / n_qblocks);
+      const int h0 = int(b / n_qblocks) * heads_per_task;
       const int64_t t0 = qb * qb_tokens, t1 = std::min(a.n_q, t0 + qb_tokens);
       const int rows = int(t1 - t0) * group;
-      for (int r = 0; r < rows; ++r) {
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t sp = 0; sp < n_split; ++sp)
-          m = std::max(m, partial[size_t((b * n_split + sp) * rows_max + r) * state_stride]);
-        float l = 0;
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        if (m != -std::numeric_limits<float>::infinity()) {
-          for (int64_t sp = 0; sp < n_split; ++sp) {
-            const float* st = partial.data() + size_t((b * n_split + sp) * rows_max + r) * state_stride;
-            if (st[1] == 0) continue;
-            const float w = std::exp(st[0] - m);
-            l += st[1] * w;
-            for (int d = 0; d < hd; ++d) acc[d] += st[2 + d] * w;
+      for (int hh = 0; hh < heads_per_task; ++hh) {
+        for (int r = 0; r < rows; ++r) {
+          const int sr = hh * rows_max + r;
+          auto state = [&](int64_t sp) { return partial.data() + (size_t(b * n_split + sp) * task_rows + sr) * state_stride; };
+          float m = -std::numeric_limits<float>::infinity();
+          for (int64_t sp = 0; sp < n_split; ++sp) m = std::max(m, state(sp)[0]);
+          float l = 0;
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          if (m != -std::numeric_limits<float>::infinity()) {
+            for (int64_t sp = 0; sp < n_split; ++sp) {
+              const float* st = state(sp);
+              if (st[1] == 0) continue;
+              const float w = std::exp(st[0] - m);
+              l += st[1] * w;
+              for (int d = 0; d < hd; ++d) acc[d] += st[2 + d] * w;
+            }
           }
+          const int64_t t = t0 + r / group;
+          float* dst = a.out + (t * a.n_heads + (h0 + hh) * group + r % group) * hd;
+          const float inv = l > 0 ? 1.0f / l : 0.0f;
+          for (int d = 0; d < hd; ++d) dst[d] = acc[d] * inv;
         }
-        const int64_t t = t0 + r / group;
-        float* dst = a.out + (t * a.n_heads + kvh * group + r % group) * hd;
-        const float inv = l > 0 ? 1.0f / l : 0.0f;
-        for (int d = 0; d < hd; ++d) dst[d] = acc[d] * inv;
       }
     }
-  });
+  };
+  // One base task (decode): merge here rather than waking the pool again.
+  if (base_tasks == 1) merge(0, 1);
+  else pool.parallel_for(base_tasks, merge);
 }
 
 void attention_ref(const AttentionArgs& a) {

@@ -1,0 +1,221 @@
+// Decode attention over a synthetic filled cache, shaped like the default
+// model (30 layers, 9 query heads over 3 KV heads, head_dim 64): one query
+// token per call, every layer, all threads. Per format and context length:
+//   tok/s    generated tokens per second if attention were the only work
+//            (scaled to 30 layers when fewer are held, to bound memory)
+//   GB/s     packed cache bytes read (codes + scales + outliers of every page
+//            of every layer) per second, against the machine's read bandwidth
+//   GFLOP/s  2 * (QK + PV) multiply-adds per second, against the FMA peak
+// plus the tile decode stages alone (decode of one head's key and value tile,
+// RoPE included) to see what the decode costs next to the scoring.
+//
+// Filled through KvCache::store with random rows (calibration random but
+// shaped like a real one), so pages, scales, outliers and sink are real.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "base/cpu.h"
+#include "base/threads.h"
+#include "formats/kv_format.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/kv_decode.h"
+#include "kvcache/kv_cache.h"
+
+namespace kvq {
+namespace {
+
+constexpr int kModelLayers = 30, kKvHeads = 3, kGroup = 3, kHd = 64;
+constexpr uint64_t kMaxCacheBytes = 768ull << 20;
+
+ThreadPool& pool() {
+  static ThreadPool p(default_thread_count());
+  return p;
+}
+
+KvTensorCalibration make_cal(const KvFormat& f, int row, std::mt19937& rng) {
+  KvTensorCalibration cal;
+  std::normal_distribution<float> nd(0.0f, 0.4f);
+  if (f.levels == KvLevels::codebook) {
+    cal.codebook.resize(size_t(1) << f.bits);
+    for (auto& c : cal.codebook) c = std::clamp(nd(rng), -1.0f, 1.0f);
+    std::sort(cal.codebook.begin(), cal.codebook.end());
+  }
+  for (int c = 0; c < row; ++c) {
+    cal.lower.push_back(-2.5f);
+    cal.upper.push_back(2.5f);
+  }
+  return cal;
+}
+
+struct Filled {
+  std::unique_ptr<KvCache> cache;
+  int layers = 0;
+  uint64_t bytes_per_layer = 0;  // pages' packed bytes (keys + values)
+};
+
+// One cache per (format, context), kept across benchmark repetitions.
+Filled& filled(const std::string& name, int64_t ctx) {
+  static std::map<std::pair<std::string, int64_t>, Filled> all;
+  auto it = all.find({name, ctx});
+  if (it != all.end()) return it->second;
+  const KvFormat& f = kv_format(name);
+  const KvGeometry g{kKvHeads, kHd};
+  const uint64_t page = make_kv_codec(f, KvRole::key, g, nullptr, true)->page_bytes() +
+                        make_kv_codec(f, KvRole::value, g, nullptr, true)->page_bytes();
+  const uint64_t per_layer = uint64_t((ctx + kKvPageTokens - 1) / kKvPageTokens) * page;
+  const int layers = int(std::clamp<uint64_t>(kMaxCacheBytes / per_layer, 1, kModelLayers));
+  KvCacheConfig c;
+  c.n_layers = layers;
+  c.n_kv_heads = kKvHeads;
+  c.head_dim = kHd;
+  c.n_ctx = ctx + 1;
+  c.k_format = &f;
+  c.v_format = &f;
+  c.rope.head_dim = kHd;
+  c.rope.n_rot = kHd;
+  c.rope.freq_base = 100000.0f;
+  c.sink_tokens = f.kvquant ? 1 : 0;
+  std::mt19937 rng(1);
+  for (int l = 0; l < layers; ++l) {
+    if (f.needs_calibration(KvRole::key)) c.k_calibration.push_back(make_cal(f, g.row(), rng));
+    if (f.needs_calibration(KvRole::value)) c.v_calibration.push_back(make_cal(f, g.row(), rng));
+  }
+  auto cache = std::make_unique<KvCache>(c);
+  const int64_t batch = 512;
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(size_t(batch) * g.row()), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  std::vector<int32_t> pos;
+  for (int64_t t0 = 0; t0 < ctx; t0 += batch) {
+    const int64_t n = std::min(batch, ctx - t0);
+    pos.resize(size_t(n));
+    for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(t0 + i);
+    cache->begin_batch(pos);
+    for (int l = 0; l < layers; ++l) cache->store(l, k.data(), v.data());
+    cache->end_batch();
+  }
+  Filled& fl = all[{name, ctx}];
+  fl.cache = std::move(cache);
+  fl.layers = layers;
+  fl.bytes_per_layer = per_layer;
+  return fl;
+}
+
+// One decode step's attention over every layer (the query is the next token).
+void BM_DecodeAttention(benchmark::State& state, std::string name) {
+  const int64_t ctx = state.range(0);
+  Filled& fl = filled(name, ctx);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int n_heads = kKvHeads * kGroup;
+  std::vector<float> q(size_t(n_heads) * kHd), out(q.size());
+  for (auto& x : q) x = nd(rng);
+  const int32_t qpos = int32_t(ctx);
+  for (auto _ : state) {
+    for (int l = 0; l < fl.layers; ++l) {
+      AttentionArgs a{q.data(), 1, n_heads, &qpos, 1.0f / 8.0f, fl.cache->view(l), out.data()};
+      attention(a, pool());
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double iters = double(state.iterations());
+  const double flops = 4.0 * n_heads * kHd * double(ctx) * fl.layers;  // QK + PV, 2 flops per multiply-add
+  state.counters["layers"] = fl.layers;
+  state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * fl.layers * iters / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * iters / 1e9, benchmark::Counter::kIsRate);
+  state.counters["tok/s"] = benchmark::Counter(iters * fl.layers / kModelLayers, benchmark::Counter::kIsRate);
+}
+
+// The tile decode stages alone: every page of one layer, every head, keys
+// (with RoPE for pre-RoPE formats) and values, one thread. Arg 1: SIMD on/off.
+void BM_TileDecode(benchmark::State& state, std::string name) {
+  const int64_t ctx = 4096;
+  Filled& fl = filled(name, ctx);
+  const KvLayerView view = fl.cache->view(0);
+  if (state.range(0) == 0) set_simd_level(SimdLevel::scalar);
+  std::vector<float> kt(size_t(kHd) * kKvPageTokens), vt(kt.size());
+  const int64_t pages = (ctx + kKvPageTokens - 1) / kKvPageTokens;
+  for (auto _ : state) {
+    for (int64_t p = 0; p < pages; ++p)
+      for (int h = 0; h < kKvHeads; ++h) {
+        view.decode_keys(p, h, kt.data());
+        view.decode_values(p, h, vt.data());
+        benchmark::ClobberMemory();
+      }
+  }
+  set_simd_level(detected_simd_level());
+  state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kKvHeads,
+                                                 benchmark::Counter::kIsRate | benchmark::Counter::kInvert) ;
+  state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+// Appending one token to every layer (the cost of "fast append": encode keys
+// and values, nearest level, per-token range, outlier top-k), one thread, as a
+// decode step does once per generated token.
+void BM_Append(benchmark::State& state, std::string name) {
+  const KvFormat& f = kv_format(name);
+  const KvGeometry g{kKvHeads, kHd};
+  KvCacheConfig c;
+  c.n_layers = kModelLayers;
+  c.n_kv_heads = kKvHeads;
+  c.head_dim = kHd;
+  c.n_ctx = 4096;
+  c.k_format = &f;
+  c.v_format = &f;
+  c.rope.head_dim = kHd;
+  c.rope.n_rot = kHd;
+  c.sink_tokens = f.kvquant ? 1 : 0;
+  std::mt19937 rng(1);
+  for (int l = 0; l < kModelLayers; ++l) {
+    if (f.needs_calibration(KvRole::key)) c.k_calibration.push_back(make_cal(f, g.row(), rng));
+    if (f.needs_calibration(KvRole::value)) c.v_calibration.push_back(make_cal(f, g.row(), rng));
+  }
+  KvCache cache(c);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> k(size_t(g.row()) * 64), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  int32_t pos = 0;
+  for (auto _ : state) {
+    if (cache.n_tokens() == c.n_ctx) {
+      state.PauseTiming();
+      cache.clear();
+      pos = 0;
+      state.ResumeTiming();
+    }
+    const int64_t row = (pos % 64) * g.row();
+    cache.begin_batch(std::span<const int32_t>(&pos, 1));
+    for (int l = 0; l < kModelLayers; ++l) cache.store(l, k.data() + row, v.data() + row);
+    cache.end_batch();
+    ++pos;
+  }
+  state.counters["us/token"] = benchmark::Counter(double(state.iterations()) * 1e-6,
+                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
+const char* const kFormats[] = {"f16", "q8_0", "q4_0", "int4", "int4-ch-1%", "int3-ch-1%", "int2-ch-1%",
+                                "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq4"};
+
+int register_all() {
+  for (const char* f : kFormats) {
+    benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
+        ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
+        ->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))
+        ->Unit(benchmark::kMicrosecond);
+  }
+  return 0;
+}
+const int registered = register_all();
+
+}  // namespace
+}  // namespace kvq
