@@ -5,8 +5,22 @@
 #include <cmath>
 #include <cstring>
 
+#include <type_traits>
+
+#include "base/cpu.h"
 #include "base/error.h"
 #include "model/llama.h"
+#include "model/llama_backward_kernels.h"
+
+namespace kvq::bwd_avx2 {  // llama_backward_avx2.cpp
+void linear_bwd_block(const float* chunk, int64_t nr, int64_t cols, const float* dy, int64_t rows, int64_t r0,
+                      float* dx, int64_t t0, int64_t t1);
+void attn_fwd_rows(const AttnShape& s, const float* q, const float* kt, const float* v, float* o, float* lse, int h,
+                   int64_t i0, int64_t i1, float* sc, float* qs);
+void attn_bwd_head(const AttnShape& s, const float* q, const float* k, const float* kt, const float* vt, const float* o,
+                   const float* lse, const float* d_o, float* dq, float* dkl, float* dvl, int h, float* p, float* dp,
+                   float* qs);
+}  // namespace kvq::bwd_avx2
 
 namespace kvq {
 namespace {
@@ -14,6 +28,8 @@ namespace {
 constexpr int64_t kHeadChunk = 256;  // output-head tokens at once (logits: 256 x vocab)
 constexpr int64_t kWeightChunk = 32; // weight rows dequantized at once in linear_bwd
 constexpr int64_t kAttnBlock = 64;   // query rows per attention forward task
+
+bool use_avx2() { return simd_level() >= SimdLevel::avx2; }
 
 template <class T>
 bool all_finite(const T* x, int64_t n) {
@@ -134,23 +150,11 @@ void transpose_head(const AttnShape& s, const T* x, int g, std::vector<T>& out) 
     for (int d = 0; d < s.head_dim; ++d) out[size_t(d * s.n + j)] = x[j * stride + g * s.head_dim + d];
 }
 
-// sc[j] = sum_d a[d] * bt[d][j] for j < m (inner loop over j: vectorises).
-template <class T>
-void dot_rows(const T* a, const T* bt, int64_t n, int hd, int64_t m, T* sc) {
-  std::fill(sc, sc + m, T(0));
-  for (int d = 0; d < hd; ++d) {
-    const T ad = a[d];
-    const T* b = bt + d * n;
-    for (int64_t j = 0; j < m; ++j) sc[j] += ad * b[j];
-  }
-}
-
 }  // namespace
 
 template <class T>
 void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o, T* lse, ThreadPool& pool) {
   const int hd = s.head_dim, group = s.n_head / s.n_head_kv;
-  const int64_t q_stride = int64_t(s.n_head) * hd, kv_stride = int64_t(s.n_head_kv) * hd;
   std::vector<std::vector<T>> kt(size_t(s.n_head_kv));
   for (int g = 0; g < s.n_head_kv; ++g) transpose_head(s, k, g, kt[size_t(g)]);
   const int64_t n_blocks = (s.n + kAttnBlock - 1) / kAttnBlock;
@@ -158,25 +162,11 @@ void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o,
     const int h = int(task / n_blocks), g = h / group;
     const int64_t i0 = (task % n_blocks) * kAttnBlock, i1 = std::min(s.n, i0 + kAttnBlock);
     std::vector<T> sc(static_cast<size_t>(i1)), qs(static_cast<size_t>(hd));
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* qi = q + i * q_stride + h * hd;
-      for (int d = 0; d < hd; ++d) qs[size_t(d)] = qi[d] * T(s.scale);
-      const int64_t m = i + 1;
-      dot_rows(qs.data(), kt[size_t(g)].data(), s.n, hd, m, sc.data());
-      T mx = sc[0];
-      for (int64_t j = 1; j < m; ++j) mx = std::max(mx, sc[size_t(j)]);
-      T sum = 0;
-      for (int64_t j = 0; j < m; ++j) sum += (sc[size_t(j)] = std::exp(sc[size_t(j)] - mx));
-      T* oi = o + i * q_stride + h * hd;
-      std::fill(oi, oi + hd, T(0));
-      const T inv = T(1) / sum;
-      for (int64_t j = 0; j < m; ++j) {
-        const T p = sc[size_t(j)] * inv;
-        const T* vj = v + j * kv_stride + g * hd;
-        for (int d = 0; d < hd; ++d) oi[d] += p * vj[d];
-      }
-      lse[h * s.n + i] = mx + std::log(sum);
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_avx2())
+        return bwd_avx2::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
     }
+    bwd::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
   });
 }
 
@@ -187,7 +177,7 @@ template <class T>
 void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const T* o, const T* lse, const T* d_o,
                    T* dq, T* dk, T* dv, ThreadPool& pool) {
   const int hd = s.head_dim, group = s.n_head / s.n_head_kv;
-  const int64_t q_stride = int64_t(s.n_head) * hd, kv_stride = int64_t(s.n_head_kv) * hd;
+  const int64_t kv_stride = int64_t(s.n_head_kv) * hd;
   std::vector<std::vector<T>> kt(size_t(s.n_head_kv)), vt(size_t(s.n_head_kv));
   for (int g = 0; g < s.n_head_kv; ++g) {
     transpose_head(s, k, g, kt[size_t(g)]);
@@ -202,35 +192,13 @@ void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const
     dkl.assign(size_t(s.n * hd), T(0));
     dvl.assign(size_t(s.n * hd), T(0));
     std::vector<T> p(static_cast<size_t>(s.n)), dp(static_cast<size_t>(s.n)), qs(static_cast<size_t>(hd));
-    const T scale = T(s.scale);
-    for (int64_t i = 0; i < s.n; ++i) {
-      const T* qi = q + i * q_stride + h * hd;
-      const T* doi = d_o + i * q_stride + h * hd;
-      const T* oi = o + i * q_stride + h * hd;
-      for (int d = 0; d < hd; ++d) qs[size_t(d)] = qi[d] * scale;
-      const int64_t m = i + 1;
-      dot_rows(qs.data(), kt[size_t(g)].data(), s.n, hd, m, p.data());
-      const T l = lse[h * s.n + i];
-      for (int64_t j = 0; j < m; ++j) p[size_t(j)] = std::exp(p[size_t(j)] - l);
-      dot_rows(doi, vt[size_t(g)].data(), s.n, hd, m, dp.data());
-      T di = 0;
-      for (int d = 0; d < hd; ++d) di += doi[d] * oi[d];
-      T* dqi = dq + i * q_stride + h * hd;
-      std::fill(dqi, dqi + hd, T(0));
-      for (int64_t j = 0; j < m; ++j) {
-        const T pj = p[size_t(j)];
-        const T ds = pj * (dp[size_t(j)] - di);
-        const T* kj = k + j * kv_stride + g * hd;
-        T* dkj = dkl.data() + j * hd;
-        T* dvj = dvl.data() + j * hd;
-        for (int d = 0; d < hd; ++d) {
-          dqi[d] += ds * kj[d];
-          dkj[d] += ds * qs[size_t(d)];  // scale folded into qs
-          dvj[d] += pj * doi[d];
-        }
-      }
-      for (int d = 0; d < hd; ++d) dqi[d] *= scale;
+    if constexpr (std::is_same_v<T, float>) {
+      if (use_avx2())
+        return bwd_avx2::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(),
+                                       dvl.data(), h, p.data(), dp.data(), qs.data());
     }
+    bwd::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(), dvl.data(), h,
+                       p.data(), dp.data(), qs.data());
   });
   std::fill(dk, dk + s.n * kv_stride, T(0));
   std::fill(dv, dv + s.n * kv_stride, T(0));
@@ -266,9 +234,9 @@ void linear_fwd<double>(const WeightView& w, const double* x, double* y, int64_t
 }
 
 // dx[t][c] = sum_r dy[t][r] W[r][c]. Each thread owns a range of tokens and walks
-// all of W in chunks of kWeightChunk dequantized rows (L2-resident); four tokens
-// share each loaded weight row; the inner loop over c is a plain multiply-add
-// that the compiler vectorises.
+// all of W in chunks of kWeightChunk dequantized rows (L2-resident); the block
+// kernel (llama_backward_kernels.h, FMA version in llama_backward_avx2.cpp) lets
+// four tokens share each loaded weight row.
 template <class T>
 void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumulate, ThreadPool& pool) {
   const int64_t cols = w.cols, rows = w.rows;
@@ -280,33 +248,13 @@ void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumul
       for (int64_t r = 0; r < nr; ++r)
         dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + uint64_t(r0 + r) * w.row_bytes,
                        chunk.data() + r * cols, cols);
-      int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) {
-        T* __restrict x0 = dx + t * cols;
-        T* __restrict x1 = x0 + cols;
-        T* __restrict x2 = x1 + cols;
-        T* __restrict x3 = x2 + cols;
-        for (int64_t r = 0; r < nr; ++r) {
-          const T a0 = dy[t * rows + r0 + r], a1 = dy[(t + 1) * rows + r0 + r];
-          const T a2 = dy[(t + 2) * rows + r0 + r], a3 = dy[(t + 3) * rows + r0 + r];
-          const float* __restrict wr = chunk.data() + r * cols;
-          for (int64_t c = 0; c < cols; ++c) {
-            const T wc = T(wr[c]);
-            x0[c] += a0 * wc;
-            x1[c] += a1 * wc;
-            x2[c] += a2 * wc;
-            x3[c] += a3 * wc;
-          }
+      if constexpr (std::is_same_v<T, float>) {
+        if (use_avx2()) {
+          bwd_avx2::linear_bwd_block(chunk.data(), nr, cols, dy, rows, r0, dx, t0, t1);
+          continue;
         }
       }
-      for (; t < t1; ++t) {
-        T* __restrict xt = dx + t * cols;
-        for (int64_t r = 0; r < nr; ++r) {
-          const T a = dy[t * rows + r0 + r];
-          const float* __restrict wr = chunk.data() + r * cols;
-          for (int64_t c = 0; c < cols; ++c) xt[c] += a * T(wr[c]);
-        }
-      }
+      bwd::linear_bwd_block(chunk.data(), nr, cols, dy, rows, r0, dx, t0, t1);
     }
   }, 4);
 }

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "base/cpu.h"
 #include "base/error.h"
 #include "base/threads.h"
 #include "gguf/gguf.h"
@@ -189,21 +190,34 @@ TEST(LlamaBackward, LinearBackwardOfQuantizedWeights) {
   std::vector<float> deq(wf.size());
   for (int r = 0; r < rows; ++r) tr->to_float_ref(q.data() + r * row_bytes, deq.data() + r * cols, cols);
   const WeightView W{GgmlType::Q4_1, rows, cols, q.data(), row_bytes};
-  for (int threads : {1, 3})
-    for (int n : {1, 5, 9}) {
-      ThreadPool pool(threads);
-      std::vector<float> dy(size_t(n * rows)), dx(size_t(n * cols), 7.0f);
-      for (float& v : dy) v = nd(rng);
-      linear_bwd(W, dy.data(), dx.data(), n, false, pool);
-      double err = 0;
-      for (int t = 0; t < n; ++t)
-        for (int c = 0; c < cols; ++c) {
-          double ref = 0;
-          for (int r = 0; r < rows; ++r) ref += double(dy[size_t(t * rows + r)]) * deq[size_t(r * cols + c)];
-          err = std::max(err, std::abs(ref - dx[size_t(t * cols + c)]) / (1 + std::abs(ref)));
+  // Also F32 widths that take the FMA kernel's half-block (24) and its fallback (20).
+  std::vector<float> f24(size_t(rows * 24)), f20(size_t(rows * 20));
+  for (float& v : f24) v = nd(rng);
+  for (float& v : f20) v = nd(rng);
+  const WeightView W24{GgmlType::F32, rows, 24, f24.data(), 24 * 4}, W20{GgmlType::F32, rows, 20, f20.data(), 20 * 4};
+  const SimdLevel saved = simd_level();
+  for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
+    set_simd_level(level);
+    for (const auto& [Wt, ref_w] : {std::pair{W, deq.data()}, std::pair{W24, f24.data()}, std::pair{W20, f20.data()}})
+      for (int threads : {1, 3})
+        for (int n : {1, 5, 9}) {
+          const int64_t c_n = Wt.cols;
+          ThreadPool pool(threads);
+          std::vector<float> dy(size_t(n * rows)), dx(size_t(n * c_n), 7.0f);
+          for (float& v : dy) v = nd(rng);
+          linear_bwd(Wt, dy.data(), dx.data(), n, false, pool);
+          double err = 0;
+          for (int t = 0; t < n; ++t)
+            for (int64_t c = 0; c < c_n; ++c) {
+              double ref = 0;
+              for (int r = 0; r < rows; ++r) ref += double(dy[size_t(t * rows + r)]) * ref_w[size_t(r * c_n + c)];
+              err = std::max(err, std::abs(ref - dx[size_t(t * c_n + c)]) / (1 + std::abs(ref)));
+            }
+          EXPECT_LT(err, 1e-5) << "cols " << c_n << " n " << n << " threads " << threads << " simd "
+                               << simd_level_name(simd_level());
         }
-      EXPECT_LT(err, 1e-5) << "n " << n << " threads " << threads;
-    }
+  }
+  set_simd_level(saved);
 }
 
 TEST(LlamaBackward, AttentionMatchesFiniteDifferences) {
@@ -345,6 +359,10 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
 }
 
 TEST(LlamaBackward, FloatPathAgreesWithDoubleAndIsDeterministic) {
+  // Both kernel paths (scalar, AVX2 where the CPU has it).
+  const SimdLevel saved = simd_level();
+  for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
+  set_simd_level(level);
   TinyLlama tiny(true, 11);
   const LlamaHparams& hp = tiny.model.hparams();
   const int64_t n = int64_t(kTokens.size());
@@ -369,9 +387,11 @@ TEST(LlamaBackward, FloatPathAgreesWithDoubleAndIsDeterministic) {
     EXPECT_EQ(f1[size_t(l)], f3[size_t(l)]) << "layer " << l << ": thread count changed the gradients";
     const Vec fl(f1[size_t(l)].begin(), f1[size_t(l)].end());
     const double err = rel_error(fl, dd[size_t(l)]);
-    report("float vs double, layer " + std::to_string(l), err);
+    report(std::string("float vs double (") + simd_level_name(simd_level()) + "), layer " + std::to_string(l), err);
     EXPECT_LT(err, 1e-4);
   }
+  }
+  set_simd_level(saved);
 }
 
 TEST(LlamaBackward, RejectsTooShortWindowsAndBadTokens) {
