@@ -18,8 +18,8 @@ void linear_bwd_block(const float* chunk, int64_t nr, int64_t cols, const float*
 void attn_fwd_rows(const AttnShape& s, const float* q, const float* kt, const float* v, float* o, float* lse, int h,
                    int64_t i0, int64_t i1, float* sc, float* qs);
 void attn_bwd_head(const AttnShape& s, const float* q, const float* k, const float* kt, const float* vt, const float* o,
-                   const float* lse, const float* d_o, float* dq, float* dkl, float* dvl, int h, float* p, float* dp,
-                   float* qs);
+                   const float* lse, const float* d_o, float* dq, float* dkl, float* dvl, int h, float* P, float* dP,
+                   float* qs, float* dos);
 }  // namespace kvq::bwd_avx2
 
 namespace kvq {
@@ -161,7 +161,7 @@ void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o,
   dynamic_for(int64_t(s.n_head) * n_blocks, pool, [&](int64_t task) {
     const int h = int(task / n_blocks), g = h / group;
     const int64_t i0 = (task % n_blocks) * kAttnBlock, i1 = std::min(s.n, i0 + kAttnBlock);
-    std::vector<T> sc(static_cast<size_t>(i1)), qs(static_cast<size_t>(hd));
+    std::vector<T> sc(static_cast<size_t>(bwd::kRowBlock) * size_t(s.n)), qs(size_t(bwd::kRowBlock) * size_t(hd));
     if constexpr (std::is_same_v<T, float>) {
       if (use_avx2())
         return bwd_avx2::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
@@ -191,14 +191,15 @@ void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const
     std::vector<T>& dvl = dvh[size_t(h)];
     dkl.assign(size_t(s.n * hd), T(0));
     dvl.assign(size_t(s.n * hd), T(0));
-    std::vector<T> p(static_cast<size_t>(s.n)), dp(static_cast<size_t>(s.n)), qs(static_cast<size_t>(hd));
+    const size_t big = size_t(bwd::kRowBlock) * size_t(s.n), small = size_t(bwd::kRowBlock) * size_t(hd);
+    std::vector<T> P(big), dP(big), qs(small), dos(small);
     if constexpr (std::is_same_v<T, float>) {
       if (use_avx2())
         return bwd_avx2::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(),
-                                       dvl.data(), h, p.data(), dp.data(), qs.data());
+                                       dvl.data(), h, P.data(), dP.data(), qs.data(), dos.data());
     }
     bwd::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(), dvl.data(), h,
-                       p.data(), dp.data(), qs.data());
+                       P.data(), dP.data(), qs.data(), dos.data());
   });
   std::fill(dk, dk + s.n * kv_stride, T(0));
   std::fill(dv, dv + s.n * kv_stride, T(0));

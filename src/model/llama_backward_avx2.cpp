@@ -40,14 +40,14 @@ void linear_bwd_block(const float* chunk, int64_t nr, int64_t cols, const float*
 }
 
 void attn_fwd_rows(const AttnShape& s, const float* q, const float* kt, const float* v, float* o, float* lse, int h,
-                   int64_t i0, int64_t i1, float* sc, float* qs) {
-  bwd::attn_fwd_rows(s, q, kt, v, o, lse, h, i0, i1, sc, qs);
+                   int64_t i0, int64_t i1, float* S, float* qs) {
+  bwd::attn_fwd_rows(s, q, kt, v, o, lse, h, i0, i1, S, qs);
 }
 
 void attn_bwd_head(const AttnShape& s, const float* q, const float* k, const float* kt, const float* vt, const float* o,
-                   const float* lse, const float* d_o, float* dq, float* dkl, float* dvl, int h, float* p, float* dp,
-                   float* qs) {
-  bwd::attn_bwd_head(s, q, k, kt, vt, o, lse, d_o, dq, dkl, dvl, h, p, dp, qs);
+                   const float* lse, const float* d_o, float* dq, float* dkl, float* dvl, int h, float* P, float* dP,
+                   float* qs, float* dos) {
+  bwd::attn_bwd_head(s, q, k, kt, vt, o, lse, d_o, dq, dkl, dvl, h, P, dP, qs, dos);
 }
 
 }  // namespace kvq::bwd_avx2

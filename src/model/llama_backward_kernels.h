@@ -14,18 +14,6 @@
 namespace kvq::bwd {
 namespace {
 
-// sc[j] = sum_d a[d] * bt[d][j] for j < m; bt is [hd][n] (keys or values transposed).
-template <class T>
-void dot_rows(const T* a, const T* bt, int64_t n, int hd, int64_t m, T* sc) {
-  std::fill(sc, sc + m, T(0));
-  for (int d = 0; d < hd; ++d) {
-    const T ad = a[d];
-    const T* __restrict b = bt + d * n;
-    T* __restrict s = sc;
-    for (int64_t j = 0; j < m; ++j) s[j] += ad * b[j];
-  }
-}
-
 // dx[t][c] += sum_{r < nr} dy[t][r0 + r] * chunk[r][c] for t in [t0, t1); dy rows
 // have `rows` elements. Four tokens share each loaded weight row.
 template <class T>
@@ -60,71 +48,120 @@ void linear_bwd_block(const float* chunk, int64_t nr, int64_t cols, const T* dy,
   }
 }
 
+constexpr int kRowBlock = 16;  // query rows that share each loaded key/value row
+constexpr int kKeyTile = 64;   // keys per tile of the score computation (tile of kt: hd x 64, L1)
+
+// S[r][j] = sum_d a[r][d] * bt[d][j] for r < b, j < m (rows of S have stride n).
+// a: b rows of hd. Key tiles keep a hd x kKeyTile block of bt in L1 for all b rows.
+template <class T>
+void scores_block(const T* a, int b, const T* bt, int64_t n, int hd, int64_t m, T* S) {
+  for (int64_t j0 = 0; j0 < m; j0 += kKeyTile) {
+    const int64_t w = std::min<int64_t>(kKeyTile, m - j0);
+    for (int r = 0; r < b; ++r) {
+      T* __restrict sr = S + r * n + j0;
+      std::fill(sr, sr + w, T(0));
+      const T* ar = a + r * hd;
+      for (int d = 0; d < hd; ++d) {
+        const T ad = ar[d];
+        const T* __restrict krow = bt + d * n + j0;
+        for (int64_t j = 0; j < w; ++j) sr[j] += ad * krow[j];
+      }
+    }
+  }
+}
+
 // Attention forward, query head h, rows [i0, i1): o and lse (see attention_fwd).
 // kt: the head's KV head keys transposed [hd][n]; v: all values [n][n_head_kv][hd].
-// sc: scratch of >= i1 elements, qs: scratch of hd.
+// S: scratch of kRowBlock * n, qs: scratch of kRowBlock * hd.
 template <class T>
 void attn_fwd_rows(const AttnShape& s, const T* q, const T* kt, const T* v, T* o, T* lse, int h, int64_t i0, int64_t i1,
-                   T* sc, T* qs) {
+                   T* S, T* qs) {
   const int hd = s.head_dim, g = h / (s.n_head / s.n_head_kv);
   const int64_t q_stride = int64_t(s.n_head) * hd, kv_stride = int64_t(s.n_head_kv) * hd;
-  for (int64_t i = i0; i < i1; ++i) {
-    const T* qi = q + i * q_stride + h * hd;
-    for (int d = 0; d < hd; ++d) qs[d] = qi[d] * T(s.scale);
-    const int64_t m = i + 1;
-    dot_rows(qs, kt, s.n, hd, m, sc);
-    T mx = sc[0];
-    for (int64_t j = 1; j < m; ++j) mx = std::max(mx, sc[j]);
-    T sum = 0;
-    for (int64_t j = 0; j < m; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-    T* __restrict oi = o + i * q_stride + h * hd;
-    std::fill(oi, oi + hd, T(0));
-    const T inv = T(1) / sum;
-    for (int64_t j = 0; j < m; ++j) {
-      const T p = sc[j] * inv;
-      const T* __restrict vj = v + j * kv_stride + g * hd;
-      for (int d = 0; d < hd; ++d) oi[d] += p * vj[d];
+  for (int64_t b0 = i0; b0 < i1; b0 += kRowBlock) {
+    const int b = int(std::min<int64_t>(kRowBlock, i1 - b0));
+    const int64_t m = b0 + b;  // keys [0, m) cover every row of the block; row i uses j <= i
+    for (int r = 0; r < b; ++r)
+      for (int d = 0; d < hd; ++d) qs[r * hd + d] = q[(b0 + r) * q_stride + h * hd + d] * T(s.scale);
+    scores_block(qs, b, kt, s.n, hd, m, S);
+    for (int r = 0; r < b; ++r) {
+      T* sr = S + r * s.n;
+      const int64_t mi = b0 + r + 1;
+      T mx = sr[0];
+      for (int64_t j = 1; j < mi; ++j) mx = std::max(mx, sr[j]);
+      T sum = 0;
+      for (int64_t j = 0; j < mi; ++j) sum += (sr[j] = std::exp(sr[j] - mx));
+      const T inv = T(1) / sum;
+      for (int64_t j = 0; j < mi; ++j) sr[j] *= inv;
+      for (int64_t j = mi; j < m; ++j) sr[j] = 0;  // causal
+      lse[h * s.n + b0 + r] = mx + std::log(sum);
+      std::fill(o + (b0 + r) * q_stride + h * hd, o + (b0 + r) * q_stride + (h + 1) * hd, T(0));
     }
-    lse[h * s.n + i] = mx + std::log(sum);
+    for (int64_t j = 0; j < m; ++j) {
+      const T* __restrict vj = v + j * kv_stride + g * hd;
+      for (int r = std::max(0, int(j - b0)); r < b; ++r) {
+        const T p = S[r * s.n + j];
+        T* __restrict oi = o + (b0 + r) * q_stride + h * hd;
+        for (int d = 0; d < hd; ++d) oi[d] += p * vj[d];
+      }
+    }
   }
 }
 
 // Attention backward for query head h over every row (see attention_bwd): dq rows
 // of head h (overwritten); dkl, dvl [n][hd] this head's contributions (accumulated).
-// kt, vt: its KV head transposed [hd][n]; p, dp: scratch of n; qs: scratch of hd.
+// kt, vt: its KV head transposed [hd][n]. Scratch: P, dP of kRowBlock * n; qs, dos
+// of kRowBlock * hd. Rows go in blocks of kRowBlock so each k_j, dk_j, dv_j is
+// loaded once per block.
 template <class T>
 void attn_bwd_head(const AttnShape& s, const T* q, const T* k, const T* kt, const T* vt, const T* o, const T* lse,
-                   const T* d_o, T* dq, T* dkl, T* dvl, int h, T* p, T* dp, T* qs) {
+                   const T* d_o, T* dq, T* dkl, T* dvl, int h, T* P, T* dP, T* qs, T* dos) {
   const int hd = s.head_dim, g = h / (s.n_head / s.n_head_kv);
   const int64_t q_stride = int64_t(s.n_head) * hd, kv_stride = int64_t(s.n_head_kv) * hd;
   const T scale = T(s.scale);
-  for (int64_t i = 0; i < s.n; ++i) {
-    const T* qi = q + i * q_stride + h * hd;
-    const T* doi = d_o + i * q_stride + h * hd;
-    const T* oi = o + i * q_stride + h * hd;
-    for (int d = 0; d < hd; ++d) qs[d] = qi[d] * scale;
-    const int64_t m = i + 1;
-    dot_rows(qs, kt, s.n, hd, m, p);
-    const T l = lse[h * s.n + i];
-    for (int64_t j = 0; j < m; ++j) p[j] = std::exp(p[j] - l);
-    dot_rows(doi, vt, s.n, hd, m, dp);
-    T di = 0;
-    for (int d = 0; d < hd; ++d) di += doi[d] * oi[d];
-    T* __restrict dqi = dq + i * q_stride + h * hd;
-    std::fill(dqi, dqi + hd, T(0));
+  for (int64_t b0 = 0; b0 < s.n; b0 += kRowBlock) {
+    const int b = int(std::min<int64_t>(kRowBlock, s.n - b0));
+    const int64_t m = b0 + b;
+    for (int r = 0; r < b; ++r)
+      for (int d = 0; d < hd; ++d) {
+        qs[r * hd + d] = q[(b0 + r) * q_stride + h * hd + d] * scale;
+        dos[r * hd + d] = d_o[(b0 + r) * q_stride + h * hd + d];
+      }
+    scores_block(qs, b, kt, s.n, hd, m, P);
+    scores_block(dos, b, vt, s.n, hd, m, dP);
+    for (int r = 0; r < b; ++r) {
+      const int64_t i = b0 + r, mi = i + 1;
+      const T* oi = o + i * q_stride + h * hd;
+      T di = 0;
+      for (int d = 0; d < hd; ++d) di += dos[r * hd + d] * oi[d];
+      const T l = lse[h * s.n + i];
+      T* pr = P + r * s.n;
+      T* dpr = dP + r * s.n;
+      for (int64_t j = 0; j < mi; ++j) {
+        pr[j] = std::exp(pr[j] - l);
+        dpr[j] = pr[j] * (dpr[j] - di);  // dS
+      }
+      for (int64_t j = mi; j < m; ++j) pr[j] = dpr[j] = 0;  // causal
+      std::fill(dq + i * q_stride + h * hd, dq + i * q_stride + (h + 1) * hd, T(0));
+    }
     for (int64_t j = 0; j < m; ++j) {
-      const T pj = p[j];
-      const T ds = pj * (dp[j] - di);
       const T* __restrict kj = k + j * kv_stride + g * hd;
       T* __restrict dkj = dkl + j * hd;
       T* __restrict dvj = dvl + j * hd;
-      for (int d = 0; d < hd; ++d) {
-        dqi[d] += ds * kj[d];
-        dkj[d] += ds * qs[d];  // scale folded into qs
-        dvj[d] += pj * doi[d];
+      for (int r = std::max(0, int(j - b0)); r < b; ++r) {
+        const T pj = P[r * s.n + j], ds = dP[r * s.n + j];
+        T* __restrict dqi = dq + (b0 + r) * q_stride + h * hd;
+        const T* __restrict qr = qs + r * hd;  // scale folded in
+        const T* __restrict dor = dos + r * hd;
+        for (int d = 0; d < hd; ++d) {
+          dqi[d] += ds * kj[d];
+          dkj[d] += ds * qr[d];
+          dvj[d] += pj * dor[d];
+        }
       }
     }
-    for (int d = 0; d < hd; ++d) dqi[d] *= scale;
+    for (int64_t i = b0; i < m; ++i)
+      for (int d = 0; d < hd; ++d) dq[i * q_stride + h * hd + d] *= scale;
   }
 }
 

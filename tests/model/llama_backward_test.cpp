@@ -264,6 +264,61 @@ TEST(LlamaBackward, AttentionMatchesFiniteDifferences) {
   EXPECT_LT(ev, 1e-8);
 }
 
+TEST(LlamaBackward, AttentionOverSeveralRowBlocksAndKeyTiles) {
+  // n = 150: several 16-row blocks, three 64-key tiles, a ragged last block.
+  // Sampled elements against central differences; the float paths against double.
+  std::mt19937 rng(6);
+  AttnShape s{150, 3, 1, 8, 1.0 / std::sqrt(8.0)};
+  ThreadPool pool(2);
+  const size_t qn = size_t(s.n * s.n_head * s.head_dim), kn = size_t(s.n * s.n_head_kv * s.head_dim);
+  const Vec q = random_vec(qn, rng, 1.5), k = random_vec(kn, rng, 1.5), v = random_vec(kn, rng), d_o = random_vec(qn, rng);
+  auto loss = [&](const Vec& qq, const Vec& kk, const Vec& vv) {
+    Vec o(qn), lse(size_t(s.n * s.n_head));
+    attention_fwd(s, qq.data(), kk.data(), vv.data(), o.data(), lse.data(), pool);
+    return dot(o, d_o);
+  };
+  Vec o(qn), lse(size_t(s.n * s.n_head)), dq(qn), dk(kn), dv(kn);
+  attention_fwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), pool);
+  attention_bwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(), dv.data(), pool);
+  const Vec* grads[3] = {&dq, &dk, &dv};
+  const char* names[3] = {"dQ", "dK", "dV"};
+  for (int which = 0; which < 3; ++which) {
+    Vec x = which == 0 ? q : which == 1 ? k : v;
+    std::uniform_int_distribution<size_t> pick(0, x.size() - 1);
+    Vec ana, num;
+    for (int e = 0; e < 25; ++e) {
+      const size_t i = pick(rng);
+      const double x0 = x[i], h = 1e-5;
+      auto f = [&](double val) {
+        x[i] = val;
+        const double r = which == 0 ? loss(x, k, v) : which == 1 ? loss(q, x, v) : loss(q, k, x);
+        x[i] = x0;
+        return r;
+      };
+      num.push_back((f(x0 + h) - f(x0 - h)) / (2 * h));
+      ana.push_back((*grads[which])[i]);
+    }
+    const double err = rel_error(ana, num);
+    report(std::string("attention n=150 (sampled) ") + names[which], err);
+    EXPECT_LT(err, 1e-7);
+  }
+  const SimdLevel saved = simd_level();
+  for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
+    set_simd_level(level);
+    auto f32 = [](const Vec& x) { return std::vector<float>(x.begin(), x.end()); };
+    const auto qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(d_o);
+    std::vector<float> of(qn), lf(size_t(s.n * s.n_head)), dqf(qn), dkf(kn), dvf(kn);
+    attention_fwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), pool);
+    attention_bwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), dof.data(), dqf.data(), dkf.data(), dvf.data(), pool);
+    auto vec = [](const std::vector<float>& x) { return Vec(x.begin(), x.end()); };
+    EXPECT_LT(rel_error(vec(of), o), 1e-5);
+    EXPECT_LT(rel_error(vec(dqf), dq), 1e-4);
+    EXPECT_LT(rel_error(vec(dkf), dk), 1e-4);
+    EXPECT_LT(rel_error(vec(dvf), dv), 1e-4);
+  }
+  set_simd_level(saved);
+}
+
 // A tiny random llama with F32 weights: d=16, 4 heads / 2 KV heads of 4, 2 layers,
 // ff 24, vocab 11. Tied output head unless `untied`.
 struct TinyLlama {
