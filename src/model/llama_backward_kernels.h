@@ -14,6 +14,13 @@
 namespace kvq::bwd {
 namespace {
 
+// y[i] += a * x[i]. A function of its own so that `restrict` on its parameters
+// tells the compiler the rows do not overlap (it will not vectorise otherwise).
+template <class T>
+inline void axpy(int64_t n, T a, const T* __restrict x, T* __restrict y) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 // dx[t][c] += sum_{r < nr} dy[t][r0 + r] * chunk[r][c] for t in [t0, t1); dy rows
 // have `rows` elements. Four tokens share each loaded weight row.
 template <class T>
@@ -38,14 +45,13 @@ void linear_bwd_block(const float* chunk, int64_t nr, int64_t cols, const T* dy,
       }
     }
   }
-  for (; t < t1; ++t) {
-    T* __restrict xt = dx + t * cols;
+  for (; t < t1; ++t)
     for (int64_t r = 0; r < nr; ++r) {
       const T a = dy[t * rows + r0 + r];
       const float* __restrict wr = chunk + r * cols;
+      T* __restrict xt = dx + t * cols;
       for (int64_t c = 0; c < cols; ++c) xt[c] += a * T(wr[c]);
     }
-  }
 }
 
 constexpr int kRowBlock = 16;  // query rows that share each loaded key/value row
@@ -58,14 +64,10 @@ void scores_block(const T* a, int b, const T* bt, int64_t n, int hd, int64_t m, 
   for (int64_t j0 = 0; j0 < m; j0 += kKeyTile) {
     const int64_t w = std::min<int64_t>(kKeyTile, m - j0);
     for (int r = 0; r < b; ++r) {
-      T* __restrict sr = S + r * n + j0;
+      T* sr = S + r * n + j0;
       std::fill(sr, sr + w, T(0));
       const T* ar = a + r * hd;
-      for (int d = 0; d < hd; ++d) {
-        const T ad = ar[d];
-        const T* __restrict krow = bt + d * n + j0;
-        for (int64_t j = 0; j < w; ++j) sr[j] += ad * krow[j];
-      }
+      for (int d = 0; d < hd; ++d) axpy(w, ar[d], bt + d * n + j0, sr);
     }
   }
 }
@@ -98,12 +100,8 @@ void attn_fwd_rows(const AttnShape& s, const T* q, const T* kt, const T* v, T* o
       std::fill(o + (b0 + r) * q_stride + h * hd, o + (b0 + r) * q_stride + (h + 1) * hd, T(0));
     }
     for (int64_t j = 0; j < m; ++j) {
-      const T* __restrict vj = v + j * kv_stride + g * hd;
-      for (int r = std::max(0, int(j - b0)); r < b; ++r) {
-        const T p = S[r * s.n + j];
-        T* __restrict oi = o + (b0 + r) * q_stride + h * hd;
-        for (int d = 0; d < hd; ++d) oi[d] += p * vj[d];
-      }
+      const T* vj = v + j * kv_stride + g * hd;
+      for (int r = std::max(0, int(j - b0)); r < b; ++r) axpy(hd, S[r * s.n + j], vj, o + (b0 + r) * q_stride + h * hd);
     }
   }
 }
@@ -145,19 +143,14 @@ void attn_bwd_head(const AttnShape& s, const T* q, const T* k, const T* kt, cons
       std::fill(dq + i * q_stride + h * hd, dq + i * q_stride + (h + 1) * hd, T(0));
     }
     for (int64_t j = 0; j < m; ++j) {
-      const T* __restrict kj = k + j * kv_stride + g * hd;
-      T* __restrict dkj = dkl + j * hd;
-      T* __restrict dvj = dvl + j * hd;
+      const T* kj = k + j * kv_stride + g * hd;
+      T* dkj = dkl + j * hd;
+      T* dvj = dvl + j * hd;
       for (int r = std::max(0, int(j - b0)); r < b; ++r) {
         const T pj = P[r * s.n + j], ds = dP[r * s.n + j];
-        T* __restrict dqi = dq + (b0 + r) * q_stride + h * hd;
-        const T* __restrict qr = qs + r * hd;  // scale folded in
-        const T* __restrict dor = dos + r * hd;
-        for (int d = 0; d < hd; ++d) {
-          dqi[d] += ds * kj[d];
-          dkj[d] += ds * qr[d];
-          dvj[d] += pj * dor[d];
-        }
+        axpy(hd, ds, kj, dq + (b0 + r) * q_stride + h * hd);
+        axpy(hd, ds, qs + r * hd, dkj);  // scale folded into qs
+        axpy(hd, pj, dos + r * hd, dvj);
       }
     }
     for (int64_t i = b0; i < m; ++i)
