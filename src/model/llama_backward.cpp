@@ -297,8 +297,15 @@ struct Window {
     }
   }
 
-  // x_out = layer(x_in); acts filled. x_out may not alias x_in.
-  void layer_fwd(int li, const T* x_in, T* x_out, LayerActs<T>& A, const KvPerturb<T>* perturb) const {
+  // x_out = layer(x_in); acts filled. x_out may not alias x_in. With `saved`
+  // (the attention output and lse of an earlier run of this layer) attention is
+  // not recomputed.
+  struct SavedAttention {
+    const T* o;
+    const T* lse;
+  };
+  void layer_fwd(int li, const T* x_in, T* x_out, LayerActs<T>& A, const KvPerturb<T>* perturb,
+                 const SavedAttention* saved = nullptr) const {
     const LlamaLayer& L = model.weights().layers[size_t(li)];
     const int d = hp.n_embd, qd = hp.q_dim(), kvd = hp.kv_dim(), ff = hp.n_ff;
     auto sz = [&](std::vector<T>& v, int64_t w) { v.resize(size_t(n * w)); };
@@ -313,7 +320,12 @@ struct Window {
     rope_rotate(hp.rope, angles, A.q.data(), n, hp.n_head, false);
     A.kr = A.k;
     rope_rotate(hp.rope, angles, A.kr.data(), n, hp.n_head_kv, false);
-    attention_fwd(shape, A.q.data(), A.kr.data(), A.v.data(), A.o.data(), A.lse.data(), pool);
+    if (saved) {
+      std::copy(saved->o, saved->o + n * qd, A.o.begin());
+      std::copy(saved->lse, saved->lse + n * hp.n_head, A.lse.begin());
+    } else {
+      attention_fwd(shape, A.q.data(), A.kr.data(), A.v.data(), A.o.data(), A.lse.data(), pool);
+    }
     linear_fwd(L.wo, A.o.data(), A.tmp.data(), n, pool);
     for (int64_t i = 0; i < n * d; ++i) A.h[size_t(i)] = x_in[i] + A.tmp[size_t(i)];
     rmsnorm_fwd(A.h.data(), L.ffn_norm.data(), A.hn.data(), n, d, hp.rms_eps);
@@ -422,13 +434,22 @@ double llama_window_kv_grads(const LlamaModel& model, const int32_t* tokens, int
   const size_t nd = size_t(n) * size_t(d);
   // Residual stream entering each layer, plus the final one: [(n_layer + 1)][n][d].
   std::vector<T> xs(nd * size_t(n_layer + 1));
+  // Each layer's attention output and log-sum-exp [n_layer][n][q_dim], [n_layer][n_head][n]:
+  // the recomputation below skips the attention forward (the costliest part at n = 2048).
+  const size_t no = size_t(n) * size_t(w.hp.q_dim()), nl = size_t(n) * size_t(w.hp.n_head);
+  std::vector<T> os(no * size_t(n_layer)), lses(nl * size_t(n_layer));
   w.embed(tokens, xs.data());
   LayerActs<T> A, G;
-  for (int li = 0; li < n_layer; ++li) w.layer_fwd(li, xs.data() + nd * li, xs.data() + nd * (li + 1), A, nullptr);
+  for (int li = 0; li < n_layer; ++li) {
+    w.layer_fwd(li, xs.data() + nd * li, xs.data() + nd * (li + 1), A, nullptr);
+    std::copy(A.o.begin(), A.o.end(), os.begin() + std::ptrdiff_t(no * li));
+    std::copy(A.lse.begin(), A.lse.end(), lses.begin() + std::ptrdiff_t(nl * li));
+  }
   std::vector<T> dx(nd);
   const double loss = w.head(tokens, xs.data() + nd * n_layer, dx.data());
   for (int li = n_layer - 1; li >= 0; --li) {
-    w.layer_fwd(li, xs.data() + nd * li, xs.data() + nd * (li + 1), A, nullptr);  // recompute
+    const typename Window<T>::SavedAttention saved{os.data() + no * li, lses.data() + nl * li};
+    w.layer_fwd(li, xs.data() + nd * li, xs.data() + nd * (li + 1), A, nullptr, &saved);  // recompute
     w.layer_bwd(li, xs.data() + nd * li, dx.data(), A, G, sink);
   }
   return loss;
@@ -440,7 +461,8 @@ uint64_t llama_backward_bytes(const LlamaModel& model, int64_t n, size_t scalar_
   const uint64_t per_token_acts = 3 * d + 2 * qd + 4 * kvd + 3 * ff + std::max(d, qd) + uint64_t(hp.n_head);
   const uint64_t grads = 2 * d + 2 * qd + 2 * kvd + 3 * ff;
   const uint64_t attn = 2 * uint64_t(hp.n_head) * 2 * uint64_t(hp.head_dim) + 4 * kvd;  // per-head dK/dV, transposes
-  const uint64_t tokens = uint64_t(n) * (d * uint64_t(hp.n_layer + 2) + per_token_acts + grads + attn);
+  const uint64_t saved = uint64_t(hp.n_layer) * (d + qd + uint64_t(hp.n_head)) + d;  // residuals, attention outputs, lse
+  const uint64_t tokens = uint64_t(n) * (saved + d + per_token_acts + grads + attn);
   const uint64_t head = uint64_t(std::min<int64_t>(n, kHeadChunk)) * (uint64_t(hp.n_vocab) + 2 * d);
   return (tokens + head) * scalar_bytes;
 }

@@ -13,10 +13,12 @@
 // rows dequantized on the fly), so the gradients are those of the model the user
 // runs; the float forward uses kvq::matmul, as inference does.
 //
-// Memory (window n): the residual stream entering each layer is kept
-// (n_layer x n x n_embd x sizeof(T)); everything inside a layer is recomputed
-// during the backward pass, and attention never stores an n x n matrix (rows of
-// probabilities are recomputed from the saved log-sum-exp, flash-attention style).
+// Memory (window n): the residual stream entering each layer and each layer's
+// attention output and log-sum-exp are kept (n_layer x n x (n_embd + q_dim +
+// n_head) x sizeof(T)); everything else inside a layer (norms, projections, MLP)
+// is recomputed during the backward pass, and attention never stores an n x n
+// matrix (probabilities are recomputed per block of rows from the saved
+// log-sum-exp, flash-attention style).
 // The output head runs over row chunks of kHeadChunk tokens.
 //
 // Shapes: rows are tokens, row-major. q [n][n_head][head_dim], k/v
