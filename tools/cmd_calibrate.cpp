@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <limits>
@@ -42,6 +43,11 @@ int calibrate(const CalibrateOptions& o) {
     throw UsageError(fmt::format("--window {} is longer than the model's context {}", o.window, info.n_ctx_train));
   if (o.sink >= o.window) throw UsageError(fmt::format("--sink {} must be smaller than --window {}", o.sink, o.window));
   const std::string out = o.out.empty() ? default_kv_calibration_path(*model) : o.out;
+  const std::string weighting = o.fisher ? "fisher-s2" : o.weighting;
+  for (size_t i = 0; i < o.also.size(); ++i)
+    if (o.also[i] == weighting || std::find(o.also.begin(), o.also.begin() + std::ptrdiff_t(i), o.also[i]) !=
+                                      o.also.begin() + std::ptrdiff_t(i))
+      throw UsageError(fmt::format("--also-weighting: weighting '{}' is asked for twice", o.also[i]));
 
   Stopwatch tok_clock;
   const std::vector<int32_t> tokens = model->tokenize(text, model->add_bos_default());
@@ -57,7 +63,7 @@ int calibrate(const CalibrateOptions& o) {
   p.window = o.window;
   p.n_threads = o.threads;
   p.sink_tokens = o.sink;
-  p.weighting = o.fisher ? "fisher-s2" : o.weighting;
+  p.weighting = weighting;
   p.also_weightings = o.also;
   p.seed = o.seed;
   p.text_name = std::filesystem::path(o.text_file).filename().string();

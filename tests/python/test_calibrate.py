@@ -123,7 +123,7 @@ def test_fisher_is_the_default_and_also_weighting_writes_siblings(tiny):
     assert alone.read_bytes() == out.read_bytes()
     # Asking for the main weighting again is refused before any work.
     p = calibrate(tiny, str(tiny["dir"] / "twice.gguf"), "--also-weighting", "fisher-s2")
-    assert_clean_error(p, code=1, mentions=("fisher-s2", "twice"))
+    assert_clean_error(p, code=2, mentions=("--also-weighting", "fisher-s2", "twice"))
 
 
 def test_missing_text_names_the_protocol(tiny):
