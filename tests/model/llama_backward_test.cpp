@@ -371,7 +371,7 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
   for (bool untied : {false, true}) {
     TinyLlama tiny(untied);
     const LlamaHparams& hp = tiny.model.hparams();
-    ThreadPool pool(2);
+    ThreadPool pool(2), one(1);  // one thread for the hundreds of tiny loss evaluations (no wake-ups)
     const int64_t n = int64_t(kTokens.size());
     const int kvd = hp.kv_dim();
     std::vector<Vec> K(size_t(hp.n_layer)), V(K.size()), dK(K.size()), dV(K.size());
@@ -394,7 +394,7 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
         Vec num(size_t(n * kvd));
         for (size_t e = 0; e < num.size(); ++e) {
           auto at = [&](double delta) {
-            return llama_window_loss<double>(tiny.model, kTokens.data(), n, pool, [&](int li, double* k, double* v) {
+            return llama_window_loss<double>(tiny.model, kTokens.data(), n, one, [&](int li, double* k, double* v) {
               if (li == l) (which == 0 ? k : v)[e] += delta;
             });
           };
