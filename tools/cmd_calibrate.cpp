@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <limits>
@@ -18,7 +19,9 @@ struct CalibrateOptions {
   std::string out;
   int64_t n_windows = 16;
   int64_t window = 2048;
-  std::string weighting = "scale2";
+  std::string weighting = "fisher-s2";
+  bool fisher = false;
+  std::vector<std::string> also;
   int sink = 1;
   uint64_t seed = 0;
   int threads = 0;
@@ -40,6 +43,11 @@ int calibrate(const CalibrateOptions& o) {
     throw UsageError(fmt::format("--window {} is longer than the model's context {}", o.window, info.n_ctx_train));
   if (o.sink >= o.window) throw UsageError(fmt::format("--sink {} must be smaller than --window {}", o.sink, o.window));
   const std::string out = o.out.empty() ? default_kv_calibration_path(*model) : o.out;
+  const std::string weighting = o.fisher ? "fisher-s2" : o.weighting;
+  for (size_t i = 0; i < o.also.size(); ++i)
+    if (o.also[i] == weighting || std::find(o.also.begin(), o.also.begin() + std::ptrdiff_t(i), o.also[i]) !=
+                                      o.also.begin() + std::ptrdiff_t(i))
+      throw UsageError(fmt::format("--also-weighting: weighting '{}' is asked for twice", o.also[i]));
 
   Stopwatch tok_clock;
   const std::vector<int32_t> tokens = model->tokenize(text, model->add_bos_default());
@@ -55,20 +63,28 @@ int calibrate(const CalibrateOptions& o) {
   p.window = o.window;
   p.n_threads = o.threads;
   p.sink_tokens = o.sink;
-  p.weighting = o.weighting;
+  p.weighting = weighting;
+  p.also_weightings = o.also;
   p.seed = o.seed;
   p.text_name = std::filesystem::path(o.text_file).filename().string();
   const bool progress = stderr_is_tty() && !o.json;
   Stopwatch clock;
   if (progress)
     p.progress = [&](std::string_view stage, int64_t done, int64_t total) {
-      fmt::print(stderr, "\r{} {}/{}  {:.1f} s   ", stage, done, total, clock.seconds());
+      const double t = clock.seconds();
+      if (stage == "capture") {
+        // Windows: tokens/s and the time left at that rate.
+        fmt::print(stderr, "\rcapture {}/{} windows  {:.1f} s  {:.0f} tokens/s  ETA {:.0f} s   ", done, total, t,
+                   t > 0 ? double(done * o.window) / t : 0.0, t / double(done) * double(total - done));
+      } else {
+        fmt::print(stderr, "\r{} {}/{}  {:.1f} s   ", stage, done, total, t);
+      }
       if (stage == "fit" && done == total) fmt::print(stderr, "\n");
       std::fflush(stderr);
     };
   if (!o.json)
     fmt::print(stderr, "kvq: calibrating on {} windows of {} tokens of {} ({} tokens in the text), weighting {}, sink {}, {} threads\n",
-               o.n_windows, o.window, o.text_file, tokens.size(), o.weighting, o.sink, o.threads);
+               o.n_windows, o.window, o.text_file, tokens.size(), p.weighting, o.sink, o.threads);
   const CalibrationReport r = calibrate_kv(model, tokens, p, out);
   std::error_code ec;
   const uintmax_t size = std::filesystem::file_size(r.path, ec);
@@ -84,7 +100,9 @@ int calibrate(const CalibrateOptions& o) {
         {"n_tokens", r.n_tokens},
         {"n_windows", o.n_windows},
         {"window", o.window},
-        {"weighting", o.weighting},
+        {"weighting", p.weighting},
+        {"also_sidecars", r.also_paths},
+        {"backward_bytes", r.backward_bytes},
         {"sink_tokens", o.sink},
         {"seed", o.seed},
         {"threads", o.threads},
@@ -97,12 +115,19 @@ int calibrate(const CalibrateOptions& o) {
     write_stdout(dump_json(j) + "\n");
     return 0;
   }
-  write_stdout(fmt::format("wrote {} ({})\n", r.path, ec ? "size unknown" : format_bytes(uint64_t(size))));
+  write_stdout(fmt::format("wrote {} ({}, weighting {})\n", r.path, ec ? "size unknown" : format_bytes(uint64_t(size)),
+                           p.weighting));
+  for (size_t i = 0; i < r.also_paths.size(); ++i)
+    write_stdout(fmt::format("wrote {} (weighting {})\n", r.also_paths[i], o.also[i]));
   write_stdout(fmt::format("{} tokens ({} windows of {}); capture {:.1f} s ({:.0f} tokens/s), fit {:.1f} s\n",
                            r.n_tokens, o.n_windows, o.window, r.capture_seconds,
                            r.capture_seconds > 0 ? double(r.n_tokens) / r.capture_seconds : 0.0, r.fit_seconds));
-  write_stdout(fmt::format("memory: activations captured {}, peak resident {}\n", format_bytes(r.peak_capture_bytes),
-                           format_bytes(rss)));
+  if (r.backward_bytes > 0)
+    write_stdout(fmt::format("memory: activations and Fisher weights captured {}, backward pass working set {}, peak resident {}\n",
+                             format_bytes(r.peak_capture_bytes), format_bytes(r.backward_bytes), format_bytes(rss)));
+  else
+    write_stdout(fmt::format("memory: activations captured {}, peak resident {}\n", format_bytes(r.peak_capture_bytes),
+                             format_bytes(rss)));
   return 0;
 }
 
@@ -116,11 +141,16 @@ Command register_calibrate(CLI::App& app) {
       "pre-RoPE keys and values, and writes per-channel key bounds and nuq codebooks (2/3/4/8 bits,\n"
       "with and without 1% outliers) to a GGUF sidecar. The first --sink tokens of each window\n"
       "are left out of every statistic.\n"
+      "Weighting (k-means element weights): fisher-s2 (default; Fisher information (dL/dA)^2 from a\n"
+      "full-precision backward pass, times the vector scale squared), fisher, scale2, none.\n"
+      "--also-weighting writes sidecars of more weightings from the same capture beside the main\n"
+      "one (OUT without .gguf, then .WEIGHTING.gguf), for ablations.\n"
       "KVQuant's protocol calibrates on WikiText-2 *validation* text (wiki.valid.tokens), never on\n"
       "the test text the perplexity is measured on.\n"
       "Examples:\n"
       "  kvq calibrate -f wiki.valid.tokens\n"
-      "  kvq calibrate -m model.gguf -f wiki.valid.tokens -o model.kvcalib.gguf --windows 4 --window 1024");
+      "  kvq calibrate -m model.gguf -f wiki.valid.tokens -o model.kvcalib.gguf --windows 4 --window 1024\n"
+      "  kvq calibrate -f wiki.valid.tokens -o /tmp/x.kvcalib.gguf --also-weighting fisher,scale2,none");
   add_model_flag(*sub, o->model);
   sub->add_option("-f,--file", o->text_file, "calibration text (WikiText-2 validation: wiki.valid.tokens)")
       ->type_name("FILE");
@@ -134,10 +164,17 @@ Command register_calibrate(CLI::App& app) {
       ->type_name("N")
       ->check(int_range(16, kMaxCtx))
       ->capture_default_str();
-  sub->add_option("--weighting", o->weighting, "k-means element weights: scale2 (vector range squared) or none")
-      ->type_name("NAME")
-      ->check(CLI::IsMember({"scale2", "none"}))
-      ->capture_default_str();
+  auto* weighting = sub->add_option("--weighting", o->weighting,
+                                    "k-means element weights: fisher-s2 (Fisher x scale^2), fisher, scale2 (vector "
+                                    "range squared) or none")
+                        ->type_name("NAME")
+                        ->check(CLI::IsMember({"fisher-s2", "fisher", "scale2", "none"}))
+                        ->capture_default_str();
+  sub->add_flag("--fisher", o->fisher, "same as --weighting fisher-s2 (the default)")->excludes(weighting);
+  sub->add_option("--also-weighting", o->also, "more sidecars from the same capture, e.g. fisher,scale2,none")
+      ->type_name("LIST")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"fisher-s2", "fisher", "scale2", "none"}));
   sub->add_option("--sink", o->sink, "first tokens of each window left out of the statistics")
       ->type_name("N")
       ->check(int_range(0, 1 << 20))

@@ -109,7 +109,13 @@ struct CalibrationParams {
   int64_t window = 2048;
   int n_threads = 0;            // 0 = every core
   int sink_tokens = 1;          // first tokens of each window, excluded from the statistics
-  std::string weighting = "scale2";  // k-means element weights: "none" or "scale2" (vector scale squared)
+  // k-means element weights: "fisher-s2" (Fisher information (dL/dA)^2 from a backward
+  // pass, times the element's vector scale squared), "fisher" (Fisher only), "scale2"
+  // (vector scale squared) or "none".
+  std::string weighting = "fisher-s2";
+  // More sidecars from the same capture (ablations), one per weighting, written beside
+  // the main one as kv_calibration_sibling_path(out_path, weighting).
+  std::vector<std::string> also_weightings;
   uint64_t seed = 0;            // k-means initialisation
   std::string text_name;        // recorded in the sidecar (where the text came from)
   // Progress: (stage, done, total), e.g. ("capture", 3, 16) then ("fit", 20, 60).
@@ -120,11 +126,18 @@ struct CalibrationReport {
   std::string path;             // the sidecar written
   int64_t n_tokens = 0;         // tokens run through the model
   double capture_seconds = 0, fit_seconds = 0;
-  uint64_t peak_capture_bytes = 0;  // activations held for fitting
+  uint64_t peak_capture_bytes = 0;  // activations (and Fisher weights) held for fitting
+  uint64_t backward_bytes = 0;      // working set of the backward pass (0 without Fisher weighting)
+  std::vector<std::string> also_paths;  // the sidecars of also_weightings, in order
 };
 
 CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<const int32_t> tokens,
                                const CalibrationParams& params, const std::string& out_path);
+
+// The weightings calibrate_kv knows, the default first.
+std::vector<std::string> calibration_weightings();
+// "DIR/x.kvcalib.gguf" + "none" -> "DIR/x.kvcalib.none.gguf" (".gguf" appended when absent).
+std::string kv_calibration_sibling_path(const std::string& out_path, const std::string& weighting);
 
 // Where a model's sidecar lives by default: "<model path>.kvcalib.gguf".
 std::string default_kv_calibration_path(const Model& model);

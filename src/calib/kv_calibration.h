@@ -34,7 +34,7 @@ struct KvCalibrationInfo {
   std::string text_name;           // where the calibration text came from
   int64_t n_windows = 0, window = 0, n_tokens = 0;
   int sink_tokens = 0;             // first positions of each window left out of every statistic
-  std::string weighting;           // "none" or "scale2"
+  std::string weighting;           // "fisher-s2", "fisher", "scale2" or "none" (metadata only)
   float outlier_fraction = 0.01f;  // of the *.o1 variants
   std::vector<int> bits;           // codebook sizes fitted (2^bits centroids)
   uint64_t seed = 0;

@@ -82,7 +82,9 @@ def test_json_and_other_settings_change_the_sidecar(tiny):
     (("--window", "8"), ("--window",)),
     (("--window", "4096"), ("context",)),
     (("--windows", "0"), ("--windows",)),
-    (("--weighting", "fisher"), ("--weighting",)),
+    (("--weighting", "bogus"), ("--weighting",)),
+    (("--fisher", "--weighting", "none"), ("--fisher",)),
+    (("--also-weighting", "scale2,bogus"), ("--also-weighting",)),
     (("--sink", "-1"), ("--sink",)),
     (("--sink", "32"), ("--sink",)),
 ])
@@ -91,6 +93,37 @@ def test_bad_flags_exit_2(tiny, args, mentions):
                 *(("--window", "32") if "--window" not in args else ()), *args)
     assert_clean_error(p, code=2, mentions=mentions)
     assert not (tiny["dir"] / "x.gguf").exists()
+
+
+def weighting_of(path: str) -> str:
+    f = gguf.GGUFReader(path).fields["kvq.calib.weighting"]
+    return bytes(f.parts[f.data[0]]).decode()
+
+
+def test_fisher_is_the_default_and_also_weighting_writes_siblings(tiny):
+    out = tiny["dir"] / "abl.kvcalib.gguf"
+    p = calibrate(tiny, str(out), "--also-weighting", "fisher,scale2,none", "--json")
+    assert_not_crashed(p)
+    assert p.returncode == 0, text(p.stderr)
+    j = json.loads(p.stdout)
+    assert j["weighting"] == "fisher-s2" and j["backward_bytes"] > 0
+    siblings = [str(tiny["dir"] / f"abl.kvcalib.{w}.gguf") for w in ("fisher", "scale2", "none")]
+    assert j["also_sidecars"] == siblings
+    assert weighting_of(str(out)) == "fisher-s2"
+    blobs = {out.read_bytes()}
+    for path, w in zip(siblings, ("fisher", "scale2", "none")):
+        assert weighting_of(path) == w
+        blobs.add(pathlib.Path(path).read_bytes())
+    assert len(blobs) == 4  # the weightings give different codebooks
+    # The main sidecar does not depend on the extra ones, nor on the thread count.
+    alone = tiny["dir"] / "alone.kvcalib.gguf"
+    p = run_kvq("calibrate", "-m", tiny["model"], "-f", tiny["text"], "-o", str(alone), "--window", "32",
+                "--windows", "2", "-t", "1", "--fisher")
+    assert p.returncode == 0, text(p.stderr)
+    assert alone.read_bytes() == out.read_bytes()
+    # Asking for the main weighting again is refused before any work.
+    p = calibrate(tiny, str(tiny["dir"] / "twice.gguf"), "--also-weighting", "fisher-s2")
+    assert_clean_error(p, code=2, mentions=("--also-weighting", "fisher-s2", "twice"))
 
 
 def test_missing_text_names_the_protocol(tiny):
