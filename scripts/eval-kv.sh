@@ -28,7 +28,7 @@ done
 
 calib="$model.kvcalib.gguf"
 if [[ ! -f $calib ]]; then
-  echo "==> calibrating (kvq calibrate, 16 x 2048 tokens of the validation split) -> $calib"
+  echo "==> calibrating (kvq calibrate, Fisher-weighted, 16 x 2048 tokens of the validation split; ~20 min) -> $calib"
   "$kvq" calibrate -m "$model" -f "$data/wiki.valid.tokens" -o "$calib" -t "$threads"
 fi
 
