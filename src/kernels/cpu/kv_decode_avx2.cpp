@@ -93,26 +93,31 @@ inline void load_scales8(const uint8_t* sc, __m256& zp, __m256& r) {
   r = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(r16), _mm256_extracti128_si256(r16, 1)));
 }
 
-// Stage "outlier residuals": adds each stored fp16 residual whose index falls
-// in `head` to its element (the codec's loop, same order).
-void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+// Calls fn(slot j, channel d of `head`, residual e) for each stored outlier of
+// slots [0, n) that falls in `head`, in the codec's order.
+template <typename Fn>
+inline void for_each_outlier(const KvCodecLayout& L, const uint8_t* page, int head, int n, Fn&& fn) {
   const int k2 = 2 * L.outliers_per_tail;
   if (k2 == 0) return;
-  // (A branch-free variant, misses adding to a ring of dummies, measured no
-  // faster: the sparse entries cost the same either way.)
   const int D = L.head_dim, first = head * D;
-  const bool key = L.role == KvRole::key;
-  const int64_t ds = key ? T : 1, js = key ? 1 : D;
   for (int j = 0; j < n; ++j) {
     const uint8_t* res = page + L.res_off + int64_t(j) * k2 * 2;
     const uint8_t* idx = page + L.idx_off + int64_t(j) * k2 * L.idx_bytes;
     for (int s = 0; s < k2; ++s) {
       const int index = L.idx_bytes == 1 ? idx[s] : ld16(idx + 2 * s);
       const unsigned d = unsigned(index - first);
-      if (d >= unsigned(D)) continue;
-      dst[int64_t(d) * ds + j * js] += _cvtsh_ss(ld16(res + 2 * s));
+      if (d < unsigned(D)) fn(j, int(d), _cvtsh_ss(ld16(res + 2 * s)));
     }
   }
+}
+
+// Stage "outlier residuals": adds each stored fp16 residual whose index falls
+// in `head` to its element. (A branch-free variant, misses adding to a ring of
+// dummies, measured no faster: the sparse entries cost the same either way.)
+void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const bool key = L.role == KvRole::key;
+  const int64_t ds = key ? T : 1, js = key ? 1 : L.head_dim;
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { dst[int64_t(d) * ds + j * js] += e; });
 }
 
 // Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
@@ -330,35 +335,25 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     const uint8_t* run = page + int64_t(c) * L.run_bytes;
     for (int g = 0; g < groups; ++g) _mm256_storeu_ps(dst + int64_t(d) * T + 8 * g, lut(unpack8<B>(run + g * B)));
   }
-  const int k2 = 2 * L.outliers_per_tail;
-  if (k2 == 0) return;
-  const int first = head * D;
-  for (int j = 0; j < n; ++j) {
-    const uint8_t* res = page + L.res_off + int64_t(j) * k2 * 2;
-    const uint8_t* idx = page + L.idx_off + int64_t(j) * k2 * L.idx_bytes;
-    for (int s = 0; s < k2; ++s) {
-      const int index = L.idx_bytes == 1 ? idx[s] : ld16(idx + 2 * s);
-      const unsigned d = unsigned(index - first);
-      if (d >= unsigned(D)) continue;
-      const float e = _cvtsh_ss(ld16(res + 2 * s));
-      if (int(d) >= 2 * half) {
-        dst[int64_t(d) * T + j] += e;
-        continue;
-      }
-      const int i = neox ? int(d) % half : int(d) / 2;
-      const bool second = neox ? int(d) >= half : (d & 1) != 0;
-      const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
-      float* xa = dst + int64_t(channel_of(i, false)) * T + j;
-      float* xb = dst + int64_t(channel_of(i, true)) * T + j;
-      if (!second) {  // e on x: (x + e, y) -> x' += e c, y' += e s
-        *xa += e * c;
-        *xb += e * sn;
-      } else {  // e on y: x' -= e s, y' += e c
-        *xa -= e * sn;
-        *xb += e * c;
-      }
+  // Outlier residuals, rotated like the element they belong to.
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) {
+    if (d >= 2 * half) {
+      dst[int64_t(d) * T + j] += e;
+      return;
     }
-  }
+    const int i = neox ? d % half : d / 2;
+    const bool second = neox ? d >= half : (d & 1) != 0;
+    const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
+    float* xa = dst + int64_t(channel_of(i, false)) * T + j;
+    float* xb = dst + int64_t(channel_of(i, true)) * T + j;
+    if (!second) {  // e on x: (x + e, y) -> x' += e c, y' += e s
+      *xa += e * c;
+      *xb += e * sn;
+    } else {  // e on y: x' -= e s, y' += e c
+      *xa -= e * sn;
+      *xb += e * c;
+    }
+  });
 }
 
 }  // namespace
