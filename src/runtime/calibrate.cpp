@@ -123,15 +123,7 @@ CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<con
   const uint64_t capture_bytes = uint64_t(hp.n_layer) * (need_fisher ? 4 : 2) * uint64_t(n_tokens) * uint64_t(row) * sizeof(float) +
                                  positions.size() * sizeof(int32_t);
 
-  KvCacheConfig cfg;
-  cfg.n_layers = hp.n_layer;
-  cfg.n_kv_heads = hp.n_head_kv;
-  cfg.head_dim = hp.head_dim;
-  cfg.n_ctx = params.window;
-  cfg.k_format = &kv_format("f32");
-  cfg.v_format = &kv_format("f32");
-  cfg.rope = hp.rope;
-  KvCache cache(cfg);
+  KvCache cache(model_cache_config(hp, params.window, "f32", "f32"));
   ThreadPool pool(params.n_threads == 0 ? default_thread_count() : params.n_threads);
   LlamaScratch scratch;
 

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "gguf/gguf.h"
+#include "kvcache/kv_cache.h"
 #include "kvq/kvq.h"
 #include "model/llama.h"
 #include "tokenizer/tokenizer.h"
@@ -16,5 +17,10 @@ struct Model::Impl {
   ModelInfo info;
   std::string chat_template;  // tokenizer.chat_template, may be empty
 };
+
+// The model's cache geometry with these formats and context (no sink, window or
+// calibration: the session adds those, calibration captures through f32).
+KvCacheConfig model_cache_config(const LlamaHparams& hp, int64_t n_ctx, std::string_view type_k,
+                                 std::string_view type_v);
 
 }  // namespace kvq

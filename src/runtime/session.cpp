@@ -94,18 +94,24 @@ struct Session::Impl {
   }
 };
 
-namespace {
-
-// The cache a session with these (validated) parameters holds, calibration aside.
-KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
+KvCacheConfig model_cache_config(const LlamaHparams& hp, int64_t n_ctx, std::string_view type_k,
+                                 std::string_view type_v) {
   KvCacheConfig cfg;
   cfg.n_layers = hp.n_layer;
   cfg.n_kv_heads = hp.n_head_kv;
   cfg.head_dim = hp.head_dim;
-  cfg.n_ctx = p.n_ctx;
-  cfg.k_format = &kv_format(p.cache_type_k);
-  cfg.v_format = &kv_format(p.cache_type_v);
+  cfg.n_ctx = n_ctx;
+  cfg.k_format = &kv_format(type_k);
+  cfg.v_format = &kv_format(type_v);
   cfg.rope = hp.rope;
+  return cfg;
+}
+
+namespace {
+
+// The cache a session with these (validated) parameters holds, calibration aside.
+KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
+  KvCacheConfig cfg = model_cache_config(hp, p.n_ctx, p.cache_type_k, p.cache_type_v);
   if (p.kv_sink < -1) fail("sink token count {} is negative", p.kv_sink);
   if (p.kv_window < 0) fail("window token count {} is negative", p.kv_window);
   cfg.sink_tokens = p.kv_sink >= 0 ? p.kv_sink : (cfg.k_format->kvquant || cfg.v_format->kvquant ? 1 : 0);
