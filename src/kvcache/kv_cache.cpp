@@ -298,8 +298,7 @@ static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, flo
 
 void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) const {
   const int n = page_tokens(p);
-  const int64_t first = p * kKvPageTokens;
-  if (keys_pre_rope && first >= sink_tokens && (fp_from == kKvNoWindow || fp_from >= first + n)) {
+  if (keys_pre_rope && all_quantized(p, fp_from)) {
     // No full-precision slot in this page: decode and rotate in one pass where
     // the format has a fused kernel.
     const RopeSpec& spec = rope->spec();

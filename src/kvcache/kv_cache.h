@@ -72,6 +72,12 @@ struct KvLayerView {
   // stores, then (keys of a pre-RoPE format) rotated at each slot's position.
   void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow) const;
   void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
+  // No slot of page p is served from the sink or (from fp_from on) the window
+  // store: every one is read from the page's codes.
+  bool all_quantized(int64_t p, int64_t fp_from = kKvNoWindow) const {
+    const int64_t first = p * kKvPageTokens;
+    return first >= sink_tokens && (fp_from == kKvNoWindow || fp_from >= first + page_tokens(p));
+  }
 };
 
 // Bytes a cache holds, by what they hold (all layers, keys and values).

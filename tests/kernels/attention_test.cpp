@@ -284,6 +284,29 @@ TEST(Attention, MatchesReferenceThroughEveryFormatModelShape) {
     }
 }
 
+// Per-token quant values are accumulated straight from the packed codes
+// (2/3/4 bits, head_dim % 32 == 0): every such format at other head sizes and
+// groups than the model's, decode and a short batch, ragged last pages.
+TEST(Attention, PackedValuesMatchReferenceHeadSizesGroups) {
+  int k = 0;
+  for (const char* fmt : {"int4", "int3", "int2", "nuq4-1%", "nuq3-1%", "nuq2-1%", "int4-ch-1%"})
+    for (int hd : {32, 128})
+      for (int group : {1, 4})
+        for (int64_t nq : {1, 5}) {
+          Case c;
+          c.n_tokens = 150;
+          c.n_q = nq;
+          c.group = group;
+          c.n_kv = 2;
+          c.hd = hd;
+          c.threads = 2;
+          c.fmt = fmt;
+          c.v_amp = 3.0f;  // zero-points and ranges far from 0 and 1
+          c.seed = uint32_t(1300 + k++);
+          check_case(c);
+        }
+}
+
 TEST(Attention, MatchesReferenceHeadSizesGroupsFormats) {
   int k = 0;
   for (int hd : {8, 12, 16, 64, 80, 128})

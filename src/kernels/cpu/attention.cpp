@@ -20,6 +20,11 @@ static_assert(attn::kTile == kKvPageTokens, "attention tiles are cache pages");
 
 namespace attn {
 
+bool packed_values_supported(const KvCodecLayout& L) {
+  return L.scheme == KvScheme::quant && L.role == KvRole::value && L.levels && L.bits >= 2 && L.bits <= 4 &&
+         L.head_dim % 32 == 0;
+}
+
 void tile_step_scalar(const TileStep& t) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int r = 0; r < t.rows; ++r) {
@@ -76,6 +81,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int group = a.n_heads / kv.n_kv_heads;
   const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0 && !attention_scalar();
   const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
+  const bool packed_values = simd && attn::packed_values_supported(kv.v_codec->layout());
 
   // Query blocks: a few tokens x every query head of the group share each decoded
   // tile. Long batches (prefill) take 4x larger blocks, so each tile of a
@@ -162,9 +168,17 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
           const int64_t hr = int64_t(hh) * rows_max;
           if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
             kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
-            kv.decode_values(p, kvh, sc.v.data(), fp_all);
-            tile_step({sc.q.data() + hr * hd, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
-                       sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()});
+            attn::TileStep ts{sc.q.data() + hr * hd, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+                              sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()};
+            if (packed_values && kv.all_quantized(p, fp_all)) {
+              ts.v = nullptr;  // read from the page by the step itself
+              ts.v_layout = &kv.v_codec->layout();
+              ts.v_page = kv.pages[p] + kv.v_offset;
+              ts.v_head = kvh;
+            } else {
+              kv.decode_values(p, kvh, sc.v.data(), fp_all);
+            }
+            tile_step(ts);
             continue;
           }
           for (int64_t t = t0; t < t1; ++t) {

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/kv_lookup_avx2.h"
 
 namespace kvq::attn {
 
@@ -149,6 +150,113 @@ inline void accumulate_chunk(const float* p, int n, const float* v, int hd, int 
 }
 #undef KVQ_ACC4
 
+// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors.
+template <int B>
+struct RunLevels {
+  simd::kvx::Lut<B> lut;
+  explicit RunLevels(const float* levels) : lut(levels) {}
+  inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
+    const uint8_t* p = run + d0 / 8 * B;
+    l0 = lut(simd::kvx::unpack8<B>(p));
+    l1 = lut(simd::kvx::unpack8<B>(p + B));
+    l2 = lut(simd::kvx::unpack8<B>(p + 2 * B));
+    l3 = lut(simd::kvx::unpack8<B>(p + 3 * B));
+  }
+};
+template <>
+struct RunLevels<4> {
+  simd::kvx::Lut4Bytes lut;
+  explicit RunLevels(const float* levels) : lut(levels) {}
+  inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
+    __m256 l[4];
+    lut.lookup32(run + d0 / 2, l);
+    l0 = l[0], l1 = l[1], l2 = l[2], l3 = l[3];
+  }
+};
+
+// The value half of a tile step read from the packed page (see
+// packed_values_supported): p holds the rows' probabilities, acc their
+// (already rescaled) outputs.
+template <int R, int B>
+void accumulate_packed(const TileStep& t, const float* p, float* acc) {
+  const KvCodecLayout& L = *t.v_layout;
+  const int hd = t.hd, n = t.n;
+  // Slot scales (fp16 zp, r), then the probabilities weighted by r.
+  alignas(32) float zp[kTile], rs[kTile], pr[R][kTile];
+  for (int g = 0; g < (n + 7) / 8; ++g) {
+    __m256 z, r;
+    simd::kvx::load_scales8(t.v_page + L.codes_bytes + int64_t(g) * 32, z, r);
+    _mm256_store_ps(zp + 8 * g, z);
+    _mm256_store_ps(rs + 8 * g, r);
+  }
+  for (int j = n; j < (n + 7) / 8 * 8; ++j) zp[j] = rs[j] = 0;  // slots past n: whatever they hold, weight 0
+  float zsum[R];
+  for (int r = 0; r < R; ++r) {
+    __m256 zs = _mm256_setzero_ps();
+    for (int g = 0; g < (n + 7) / 8; ++g) {
+      const __m256 pv = _mm256_loadu_ps(p + r * kTile + 8 * g);
+      zs = _mm256_fmadd_ps(pv, _mm256_load_ps(zp + 8 * g), zs);
+      _mm256_store_ps(pr[r] + 8 * g, _mm256_mul_ps(pv, _mm256_load_ps(rs + 8 * g)));
+    }
+    zsum[r] = hsum(zs);
+  }
+  // Sparse outliers: p_j * residual on their element.
+  simd::kvx::for_each_outlier(L, t.v_page, t.v_head, n, [&](int j, int d, float e) {
+    for (int r = 0; r < R; ++r) acc[r * hd + d] += p[r * kTile + j] * e;
+  });
+  const RunLevels<B> levels(L.levels);
+  const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;
+  for (int d0 = 0; d0 < hd; d0 += 32) {
+    float* ra = acc + d0;
+    float* rb = acc + hd + d0;
+    float* rc = acc + 2 * hd + d0;
+    __m256 a0 = _mm256_loadu_ps(ra), a1 = _mm256_loadu_ps(ra + 8), a2 = _mm256_loadu_ps(ra + 16), a3 = _mm256_loadu_ps(ra + 24);
+    __m256 b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0 = a0, c1 = a1, c2 = a2, c3 = a3;
+    if constexpr (R > 1) b0 = _mm256_loadu_ps(rb), b1 = _mm256_loadu_ps(rb + 8), b2 = _mm256_loadu_ps(rb + 16), b3 = _mm256_loadu_ps(rb + 24);
+    if constexpr (R > 2) c0 = _mm256_loadu_ps(rc), c1 = _mm256_loadu_ps(rc + 8), c2 = _mm256_loadu_ps(rc + 16), c3 = _mm256_loadu_ps(rc + 24);
+    for (int j = 0; j < n; ++j) {
+      __m256 l0, l1, l2, l3;
+      levels(runs + int64_t(j) * L.run_bytes, d0, l0, l1, l2, l3);
+      const __m256 pa = _mm256_broadcast_ss(pr[0] + j);
+      a0 = _mm256_fmadd_ps(pa, l0, a0), a1 = _mm256_fmadd_ps(pa, l1, a1);
+      a2 = _mm256_fmadd_ps(pa, l2, a2), a3 = _mm256_fmadd_ps(pa, l3, a3);
+      if constexpr (R > 1) {
+        const __m256 pb = _mm256_broadcast_ss(pr[1] + j);
+        b0 = _mm256_fmadd_ps(pb, l0, b0), b1 = _mm256_fmadd_ps(pb, l1, b1);
+        b2 = _mm256_fmadd_ps(pb, l2, b2), b3 = _mm256_fmadd_ps(pb, l3, b3);
+      }
+      if constexpr (R > 2) {
+        const __m256 pc = _mm256_broadcast_ss(pr[2] + j);
+        c0 = _mm256_fmadd_ps(pc, l0, c0), c1 = _mm256_fmadd_ps(pc, l1, c1);
+        c2 = _mm256_fmadd_ps(pc, l2, c2), c3 = _mm256_fmadd_ps(pc, l3, c3);
+      }
+    }
+    // The zero-point term, once per element.
+    const __m256 za = _mm256_set1_ps(zsum[0]);
+    _mm256_storeu_ps(ra, _mm256_add_ps(a0, za)), _mm256_storeu_ps(ra + 8, _mm256_add_ps(a1, za));
+    _mm256_storeu_ps(ra + 16, _mm256_add_ps(a2, za)), _mm256_storeu_ps(ra + 24, _mm256_add_ps(a3, za));
+    if constexpr (R > 1) {
+      const __m256 zb = _mm256_set1_ps(zsum[1]);
+      _mm256_storeu_ps(rb, _mm256_add_ps(b0, zb)), _mm256_storeu_ps(rb + 8, _mm256_add_ps(b1, zb));
+      _mm256_storeu_ps(rb + 16, _mm256_add_ps(b2, zb)), _mm256_storeu_ps(rb + 24, _mm256_add_ps(b3, zb));
+    }
+    if constexpr (R > 2) {
+      const __m256 zc = _mm256_set1_ps(zsum[2]);
+      _mm256_storeu_ps(rc, _mm256_add_ps(c0, zc)), _mm256_storeu_ps(rc + 8, _mm256_add_ps(c1, zc));
+      _mm256_storeu_ps(rc + 16, _mm256_add_ps(c2, zc)), _mm256_storeu_ps(rc + 24, _mm256_add_ps(c3, zc));
+    }
+  }
+}
+
+template <int R>
+void accumulate_packed(const TileStep& t, const float* p, float* acc) {
+  switch (t.v_layout->bits) {
+    case 2: accumulate_packed<R, 2>(t, p, acc); break;
+    case 3: accumulate_packed<R, 3>(t, p, acc); break;
+    default: accumulate_packed<R, 4>(t, p, acc); break;
+  }
+}
+
 template <int R>
 void rows_block(const TileStep& t, int r0) {
   const float* q = t.q + int64_t(r0) * t.hd;
@@ -192,6 +300,10 @@ void rows_block(const TileStep& t, int r0) {
   }
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
+  if (t.v_page) {
+    accumulate_packed<R>(t, s, acc);
+    return;
+  }
   int c0 = 0;
   for (; c0 + 32 <= t.hd; c0 += 32) accumulate_chunk<R, 4>(s, t.n, t.v, t.hd, c0, acc);
   switch ((t.hd - c0) / 8) {

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 
+#include "formats/kv_format.h"
+
 namespace kvq::attn {
 
 constexpr int kTile = 64;  // == kKvPageTokens
@@ -12,7 +14,7 @@ struct TileStep {
   int rows;
   int hd;
   const float* kt;        // [hd][kTile] decoded keys, channel-major
-  const float* v;         // [kTile][hd] decoded values
+  const float* v;         // [kTile][hd] decoded values, or null: packed values below
   int n;                  // valid keys in the tile (<= kTile)
   const int32_t* kpos;    // [n] key positions
   const int32_t* row_pos; // [rows] query positions
@@ -20,7 +22,19 @@ struct TileStep {
   float* l;               // [rows] running sum of exp
   float* acc;             // [rows][hd] running output (unnormalised)
   float* s;               // scratch [rows][kTile]
+  // Values read straight from their page (AVX2 step only, when
+  // packed_values_supported): the value decode fused into the accumulation.
+  const KvCodecLayout* v_layout = nullptr;
+  const uint8_t* v_page = nullptr;  // the page's value part
+  int v_head = 0;
 };
+
+// Per-token quant values (2/3/4-bit codes, head_dim % 32 == 0) that the AVX2
+// step accumulates from the packed codes: sum_j p_j (zp_j + r_j L[c]) is taken
+// as sum_j (p_j r_j) L[c] + sum_j p_j zp_j, plus p_j e for each outlier residual
+// e; no float tile of values is written. Equal to decoding first up to
+// floating-point reordering.
+bool packed_values_supported(const KvCodecLayout& layout);
 
 void tile_step_scalar(const TileStep& t);
 // AVX2+FMA version (hd % 8 == 0); defined only on x86-64.

@@ -7,109 +7,14 @@
 
 #include "base/fp16.h"
 #include "kernels/cpu/kv_decode.h"
+#include "kernels/cpu/kv_lookup_avx2.h"
 
 namespace kvq::simd {
 
 namespace {
 
+using namespace kvx;
 constexpr int T = kKvPageTokens;
-
-inline uint16_t ld16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, 2);
-  return v;
-}
-
-// Stage "unpack": 8 LSB-first codes of B bits starting at byte p (8 codes
-// are exactly B bytes, so a group never straddles a byte it does not own).
-template <int B>
-inline __m256i unpack8(const uint8_t* p) {
-  if constexpr (B == 8) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  } else {
-    // Assembled in a register: a 2+1-byte memcpy into a stack word and a
-    // 4-byte reload of it defeats store forwarding (a ~15-cycle stall).
-    uint32_t u;
-    if constexpr (B == 4) std::memcpy(&u, p, 4);
-    else if constexpr (B == 3) u = uint32_t(ld16(p)) | uint32_t(p[2]) << 16;
-    else if constexpr (B == 2) u = ld16(p);
-    else u = p[0];
-    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(u)), sh), _mm256_set1_epi32((1 << B) - 1));
-  }
-}
-
-// Stage "level lookup": a table of 2^B floats indexed by 8 codes. Up to 8
-// entries: one vpermps; 16: two and a blend on bit 3; 256: a gather.
-template <int B>
-struct Lut {
-  __m256 lo, hi;
-  const float* full;
-  // The table itself (2^B floats at `table`; for B == 8 it must outlive the Lut).
-  explicit Lut(const float* table) : full(table) {
-    if constexpr (B <= 2) {
-      lo = _mm256_castps128_ps256(_mm_loadu_ps(table));  // lanes 4..7 never indexed
-    } else if constexpr (B == 3) {
-      lo = _mm256_loadu_ps(table);
-    } else if constexpr (B == 4) {
-      lo = _mm256_loadu_ps(table);
-      hi = _mm256_loadu_ps(table + 8);
-    }
-  }
-  // zp + r * levels[l] for every level, in registers (B <= 4; a multiply then
-  // an add, as the codec's table). B == 8 writes them to `scratch` (256 floats).
-  Lut(const float* levels, float zp, float r, float* scratch) : full(scratch) {
-    const __m256 z = _mm256_set1_ps(zp), rr = _mm256_set1_ps(r);
-    if constexpr (B <= 2) {
-      lo = _mm256_castps128_ps256(_mm_add_ps(_mm256_castps256_ps128(z),
-                                             _mm_mul_ps(_mm256_castps256_ps128(rr), _mm_loadu_ps(levels))));
-    } else if constexpr (B == 3) {
-      lo = _mm256_add_ps(z, _mm256_mul_ps(rr, _mm256_loadu_ps(levels)));
-    } else if constexpr (B == 4) {
-      lo = _mm256_add_ps(z, _mm256_mul_ps(rr, _mm256_loadu_ps(levels)));
-      hi = _mm256_add_ps(z, _mm256_mul_ps(rr, _mm256_loadu_ps(levels + 8)));
-    } else {
-      for (int l = 0; l < (1 << B); l += 8)
-        _mm256_store_ps(scratch + l, _mm256_add_ps(z, _mm256_mul_ps(rr, _mm256_loadu_ps(levels + l))));
-    }
-  }
-  __m256 operator()(__m256i idx) const {
-    if constexpr (B <= 3) {
-      return _mm256_permutevar8x32_ps(lo, idx);
-    } else if constexpr (B == 4) {
-      const __m256 a = _mm256_permutevar8x32_ps(lo, idx), b = _mm256_permutevar8x32_ps(hi, idx);
-      return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-    } else {
-      return _mm256_i32gather_ps(full, idx, 4);
-    }
-  }
-};
-
-// Per-slot fp16 (zp, range) pairs of 8 slots -> two float vectors.
-inline void load_scales8(const uint8_t* sc, __m256& zp, __m256& r) {
-  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc));
-  const __m256i z16 = _mm256_and_si256(w, _mm256_set1_epi32(0xffff)), r16 = _mm256_srli_epi32(w, 16);
-  zp = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(z16), _mm256_extracti128_si256(z16, 1)));
-  r = _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(r16), _mm256_extracti128_si256(r16, 1)));
-}
-
-// Calls fn(slot j, channel d of `head`, residual e) for each stored outlier of
-// slots [0, n) that falls in `head`, in the codec's order.
-template <typename Fn>
-inline void for_each_outlier(const KvCodecLayout& L, const uint8_t* page, int head, int n, Fn&& fn) {
-  const int k2 = 2 * L.outliers_per_tail;
-  if (k2 == 0) return;
-  const int D = L.head_dim, first = head * D;
-  for (int j = 0; j < n; ++j) {
-    const uint8_t* res = page + L.res_off + int64_t(j) * k2 * 2;
-    const uint8_t* idx = page + L.idx_off + int64_t(j) * k2 * L.idx_bytes;
-    for (int s = 0; s < k2; ++s) {
-      const int index = L.idx_bytes == 1 ? idx[s] : ld16(idx + 2 * s);
-      const unsigned d = unsigned(index - first);
-      if (d < unsigned(D)) fn(j, int(d), _cvtsh_ss(ld16(res + 2 * s)));
-    }
-  }
-}
 
 // Stage "outlier residuals": adds each stored fp16 residual whose index falls
 // in `head` to its element. (A branch-free variant, misses adding to a ring of
@@ -156,46 +61,6 @@ void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, fl
   }
   add_outliers(L, page, head, n, dst);
 }
-
-// 4-bit codes, 32 at a time, looked up with byte shuffles (FAISS fast-scan
-// style): the 16-entry float table split into 4 byte planes, one vpshufb per
-// plane gives byte k of every element's level, and unpacks reassemble the
-// floats (bit-exact: the very bytes of L[c]). ~9 uops per 8 elements against
-// ~12 for unpack-by-shift + two vpermps + blend.
-struct Lut4Bytes {
-  __m256i plane[4];
-  explicit Lut4Bytes(const float* table) {
-    alignas(16) uint8_t pl[4][16];
-    for (int l = 0; l < 16; ++l) {
-      uint32_t u;
-      std::memcpy(&u, table + l, 4);
-      for (int b = 0; b < 4; ++b) pl[b][l] = uint8_t(u >> (8 * b));
-    }
-    for (int b = 0; b < 4; ++b)
-      plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(pl[b])));
-  }
-  // Levels of the 32 codes packed LSB-first in 16 bytes at p, in element order.
-  inline void lookup32(const uint8_t* p, __m256 out[4]) const {
-    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-    // Element 2i is the low nibble of byte i, 2i+1 the high one.
-    const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-    const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
-    const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
-    const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
-    const __m256i w23l = _mm256_unpacklo_epi8(b2, b3), w23h = _mm256_unpackhi_epi8(b2, b3);
-    // Per 128-bit lane (lane 0: elements 0..15, lane 1: 16..31):
-    const __m256i f0 = _mm256_unpacklo_epi16(w01l, w23l);  // 0..3   | 16..19
-    const __m256i f1 = _mm256_unpackhi_epi16(w01l, w23l);  // 4..7   | 20..23
-    const __m256i f2 = _mm256_unpacklo_epi16(w01h, w23h);  // 8..11  | 24..27
-    const __m256i f3 = _mm256_unpackhi_epi16(w01h, w23h);  // 12..15 | 28..31
-    out[0] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x20));
-    out[1] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x20));
-    out[2] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x31));
-    out[3] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x31));
-  }
-};
 
 // Values, token-major dst[j * D + d]: each slot's head vector is one packed
 // run; the slot's fp16 zp and range broadcast over it.
@@ -341,7 +206,7 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
       dst[int64_t(d) * T + j] += e;
       return;
     }
-    const int i = neox ? d % half : d / 2;
+    const int i = neox ? (d >= half ? d - half : d) : d / 2;
     const bool second = neox ? d >= half : (d & 1) != 0;
     const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
     float* xa = dst + int64_t(channel_of(i, false)) * T + j;
