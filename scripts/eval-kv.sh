@@ -9,7 +9,8 @@
 #   DATA_DIR holds wiki.test.txt and wiki.valid.tokens (default ../shared/data/wikitext-2
 #   next to the repository; WikiText-2 raw: rows of the test split joined with "\n\n",
 #   the validation split likewise). Environment: CTX (2048), CHUNKS (32), MODEL,
-#   THREADS, SWEEP (space-separated cache specs, overrides the default list), OUT (docs/kv-eval-sweep).
+#   THREADS, SWEEP (space-separated cache specs, overrides the default list), OUT (docs/kv-eval-sweep),
+#   KV_CALIB (the calibration sidecar; default MODEL.kvcalib.gguf, made here when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ for f in "$data/wiki.test.txt" "$data/wiki.valid.tokens"; do
 done
 [[ -x $kvq ]] || { echo "eval-kv: build first: cmake --preset release && cmake --build --preset release" >&2; exit 1; }
 
-calib="$model.kvcalib.gguf"
+calib=${KV_CALIB:-$model.kvcalib.gguf}
 if [[ ! -f $calib ]]; then
   echo "==> calibrating (kvq calibrate, Fisher-weighted, 16 x 2048 tokens of the validation split; ~20 min) -> $calib"
   "$kvq" calibrate -m "$model" -f "$data/wiki.valid.tokens" -o "$calib" -t "$threads"

@@ -85,8 +85,8 @@ int bench(const BenchOptions& o) {
         sp.n_ctx = round_up(depth + max_p + max_n, 256);
         sp.n_threads = o.threads;
         sp.n_batch = o.n_batch;
-        sp.cache_type_k = resolve_cache_type(tk, *model, o.kv, o.json);
-        sp.cache_type_v = resolve_cache_type(tv, *model, o.kv, o.json);
+        sp.cache_type_k = resolve_cache_type(tk, model, o.kv, o.json);
+        sp.cache_type_v = resolve_cache_type(tv, model, o.kv, o.json);
         o.kv.apply_to(sp);
         Session session(model, sp);
         threads_used = session.n_threads();

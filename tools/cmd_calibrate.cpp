@@ -34,11 +34,16 @@ uint64_t peak_rss_bytes() {
   return uint64_t(ru.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
-int calibrate(const CalibrateOptions& o) {
-  const std::string text = read_file(o.text_file, "text file");
-  if (text.empty()) throw Error(fmt::format("text file {} is empty", o.text_file));
+int calibrate(CalibrateOptions o) {
+  const bool sampled = o.text_file.empty();
+  std::string text;
+  if (!sampled) {
+    text = read_file(o.text_file, "text file");
+    if (text.empty()) throw Error(fmt::format("text file {} is empty", o.text_file));
+  }
   auto model = load_model(o.model);
   const ModelInfo& info = model->info();
+  if (o.window == 0) o.window = info.n_ctx_train > 0 ? std::min<int64_t>(kAutoCalibWindow, info.n_ctx_train) : kAutoCalibWindow;
   if (info.n_ctx_train > 0 && o.window > info.n_ctx_train)
     throw UsageError(fmt::format("--window {} is longer than the model's context {}", o.window, info.n_ctx_train));
   if (o.sink >= o.window) throw UsageError(fmt::format("--sink {} must be smaller than --window {}", o.sink, o.window));
@@ -48,10 +53,27 @@ int calibrate(const CalibrateOptions& o) {
     if (o.also[i] == weighting || std::find(o.also.begin(), o.also.begin() + std::ptrdiff_t(i), o.also[i]) !=
                                       o.also.begin() + std::ptrdiff_t(i))
       throw UsageError(fmt::format("--also-weighting: weighting '{}' is asked for twice", o.also[i]));
+  const bool progress = stderr_is_tty() && !o.json;
 
   Stopwatch tok_clock;
-  const std::vector<int32_t> tokens = model->tokenize(text, model->add_bos_default());
+  std::vector<int32_t> tokens;
+  if (sampled) {
+    if (!o.json)
+      fmt::print(stderr, "kvq: no -f: sampling {} x {} tokens of calibration text from the model itself (seed {})\n",
+                 o.n_windows, o.window, o.seed);
+    tokens = sample_calibration_tokens(model, o.n_windows, o.window, o.seed, o.threads, [&](int64_t done, int64_t total) {
+      if (!progress) return;
+      const double t = tok_clock.seconds();
+      fmt::print(stderr, "\rsampling {}/{} tokens  {:.1f} s  {:.0f} tokens/s  ETA {:.0f} s   ", done, total, t,
+                 t > 0 ? double(done) / t : 0.0, t / double(done) * double(total - done));
+      if (done == total) fmt::print(stderr, "\n");
+      std::fflush(stderr);
+    });
+  } else {
+    tokens = model->tokenize(text, model->add_bos_default());
+  }
   const double tokenize_s = tok_clock.seconds();
+  const std::string text_label = sampled ? fmt::format("text sampled from the model (seed {})", o.seed) : o.text_file;
   const int64_t need = o.n_windows * o.window;
   if (int64_t(tokens.size()) < need)
     throw Error(fmt::format("{} has {} tokens, but {} windows of {} need {}: use fewer (--windows) or shorter "
@@ -66,8 +88,8 @@ int calibrate(const CalibrateOptions& o) {
   p.weighting = weighting;
   p.also_weightings = o.also;
   p.seed = o.seed;
-  p.text_name = std::filesystem::path(o.text_file).filename().string();
-  const bool progress = stderr_is_tty() && !o.json;
+  p.text_name = sampled ? fmt::format("sampled from the model (seed {})", o.seed)
+                        : std::filesystem::path(o.text_file).filename().string();
   Stopwatch clock;
   if (progress)
     p.progress = [&](std::string_view stage, int64_t done, int64_t total) {
@@ -84,7 +106,7 @@ int calibrate(const CalibrateOptions& o) {
     };
   if (!o.json)
     fmt::print(stderr, "kvq: calibrating on {} windows of {} tokens of {} ({} tokens in the text), weighting {}, sink {}, {} threads\n",
-               o.n_windows, o.window, o.text_file, tokens.size(), p.weighting, o.sink, o.threads);
+               o.n_windows, o.window, text_label, tokens.size(), p.weighting, o.sink, o.threads);
   const CalibrationReport r = calibrate_kv(model, tokens, p, out);
   std::error_code ec;
   const uintmax_t size = std::filesystem::file_size(r.path, ec);
@@ -96,7 +118,9 @@ int calibrate(const CalibrateOptions& o) {
         {"sidecar_bytes", ec ? 0 : uint64_t(size)},
         {"model", info.path},
         {"model_fingerprint", info.fingerprint},
-        {"text_file", o.text_file},
+        {"text_file", sampled ? nlohmann::json(nullptr) : nlohmann::json(o.text_file)},
+        {"text_sampled", sampled},
+        {"sampling_seconds", sampled ? tokenize_s : 0.0},
         {"n_tokens", r.n_tokens},
         {"n_windows", o.n_windows},
         {"window", o.window},
@@ -146,13 +170,16 @@ Command register_calibrate(CLI::App& app) {
       "--also-weighting writes sidecars of more weightings from the same capture beside the main\n"
       "one (OUT without .gguf, then .WEIGHTING.gguf), for ablations.\n"
       "KVQuant's protocol calibrates on WikiText-2 *validation* text (wiki.valid.tokens), never on\n"
-      "the test text the perplexity is measured on.\n"
+      "the test text the perplexity is measured on. Without -f the model writes its own calibration\n"
+      "text (sampled at temperature 1 from BOS, --seed seeds it): what kvq run does on first use.\n"
       "Examples:\n"
       "  kvq calibrate -f wiki.valid.tokens\n"
       "  kvq calibrate -m model.gguf -f wiki.valid.tokens -o model.kvcalib.gguf --windows 4 --window 1024\n"
       "  kvq calibrate -f wiki.valid.tokens -o /tmp/x.kvcalib.gguf --also-weighting fisher,scale2,none");
   add_model_flag(*sub, o->model);
-  sub->add_option("-f,--file", o->text_file, "calibration text (WikiText-2 validation: wiki.valid.tokens)")
+  sub->add_option("-f,--file", o->text_file,
+                  "calibration text (WikiText-2 validation: wiki.valid.tokens); without it, text sampled from the "
+                  "model itself (4 x 1024 tokens unless --windows/--window say otherwise)")
       ->type_name("FILE");
   sub->add_option("-o,--output", o->out, "sidecar to write (default: MODEL.kvcalib.gguf beside the model)")
       ->type_name("FILE");
@@ -179,14 +206,15 @@ Command register_calibrate(CLI::App& app) {
       ->type_name("N")
       ->check(int_range(0, 1 << 20))
       ->capture_default_str();
-  sub->add_option("--seed", o->seed, "k-means seed")->type_name("N")->capture_default_str();
+  sub->add_option("--seed", o->seed, "seed of the k-means (and of the sampled text without -f)")->type_name("N")->capture_default_str();
   add_threads_flag(*sub, o->threads);
   add_json_flag(*sub, o->json, "print the result as one JSON object");
-  return [o] {
-    if (o->text_file.empty())
-      throw UsageError(
-          "no calibration text: give -f FILE (KVQuant's protocol uses WikiText-2 validation text, "
-          "wiki.valid.tokens, never the test text)");
+  return [o, sub] {
+    if (o->text_file.empty()) {
+      // Sampled text costs a decode step per token: smaller defaults.
+      if (sub->count("--windows") == 0) o->n_windows = kAutoCalibWindows;
+      if (sub->count("--window") == 0) o->window = 0;  // kAutoCalibWindow, or the model's context if shorter
+    }
     return calibrate(*o);
   };
 }

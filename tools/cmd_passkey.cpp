@@ -170,8 +170,8 @@ int passkey(const PasskeyOptions& options) {
       throw UsageError(fmt::format("--lengths: {} tokens cannot hold the instruction, pass key and question "
                                    "({} tokens with no filler)",
                                    L, bare));
-  o.type_k = resolve_cache_type(o.type_k, *model, o.kv, o.json);
-  o.type_v = resolve_cache_type(o.type_v, *model, o.kv, o.json);
+  o.type_k = resolve_cache_type(o.type_k, model, o.kv, o.json);
+  o.type_v = resolve_cache_type(o.type_v, model, o.kv, o.json);
 
   const bool progress = stderr_is_tty();
   const int64_t n_runs = int64_t(o.lengths.size() * o.depths.size()) * o.trials;

@@ -149,8 +149,8 @@ int perplexity(const PerplexityOptions& o) {
 
   auto model = load_model(o.model);
   if (o.sweep.empty()) {
-    const std::string tk = resolve_cache_type(o.type_k, *model, o.kv, /*quiet=*/true);
-    const std::string tv = resolve_cache_type(o.type_v, *model, o.kv, /*quiet=*/true);
+    const std::string tk = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);
+    const std::string tv = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
     configs.push_back(CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window});
   }
   configs.insert(configs.end(), swept.begin(), swept.end());

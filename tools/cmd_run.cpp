@@ -74,8 +74,8 @@ int run(const RunOptions& o) {
                          : (info.n_ctx_train > 0 ? std::min<int64_t>(kDefaultRunCtx, info.n_ctx_train) : kDefaultRunCtx);
   sp.n_threads = o.threads;
   sp.n_batch = o.n_batch;
-  sp.cache_type_k = resolve_cache_type(o.type_k, *model, o.kv, /*quiet=*/true);  // note at the end
-  sp.cache_type_v = resolve_cache_type(o.type_v, *model, o.kv, /*quiet=*/true);
+  sp.cache_type_k = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);  // note at the end
+  sp.cache_type_v = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
   o.kv.apply_to(sp);
   if (int64_t(prompt.size()) >= sp.n_ctx)
     throw Error(fmt::format("the prompt is {} tokens but the context holds {} (and needs room to generate): "

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <sys/stat.h>
@@ -93,12 +94,78 @@ const KvFormatInfo* find_kv_format(std::string_view name) {
   return nullptr;
 }
 
-std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet) {
+namespace {
+
+bool auto_calibration_enabled() {
+  const char* v = std::getenv("KVQ_AUTO_CALIB");
+  return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0));
+}
+
+// "auto" and no sidecar at the model's default path: fit one now, once, and cache
+// it there. Text: $KVQ_CALIB_TEXT when set, else tokens the model samples itself.
+// The default cache needs per-channel key ranges only, so the fit skips the
+// backward pass (scale2 weighting). Returns false (after saying why) on failure.
+bool auto_calibrate(const std::shared_ptr<const Model>& model) {
+  const std::string path = default_kv_calibration_path(*model);
+  CalibrationParams p;
+  p.n_windows = kAutoCalibWindows;
+  p.window = std::min<int64_t>(kAutoCalibWindow, model->info().n_ctx_train > 0 ? model->info().n_ctx_train : kAutoCalibWindow);
+  p.weighting = "scale2";
+  const bool tty = stderr_is_tty();
+  Stopwatch clock;
+  try {
+    std::vector<int32_t> tokens;
+    const char* text_env = std::getenv("KVQ_CALIB_TEXT");
+    if (text_env && *text_env) {
+      p.text_name = std::filesystem::path(text_env).filename().string();
+      fmt::print(stderr, "kvq: no KV calibration for this model yet: fitting the {} cache's key ranges and codebooks once on "
+                         "{} x {} tokens of {} ($KVQ_CALIB_TEXT) -> {}\n", kAutoKvType, p.n_windows, p.window, text_env, path);
+      tokens = model->tokenize(read_file(text_env, "calibration text ($KVQ_CALIB_TEXT)"), model->add_bos_default());
+    } else {
+      p.text_name = fmt::format("sampled from the model (seed {})", kAutoCalibSeed);
+      fmt::print(stderr, "kvq: no KV calibration for this model yet: fitting the {} cache's key ranges and codebooks once on "
+                         "{} x {} tokens the model samples itself -> {} (about a minute; `kvq calibrate -f TEXT` fits "
+                         "one on text of your choice, KVQ_AUTO_CALIB=0 turns this off)\n",
+                 kAutoKvType, p.n_windows, p.window, path);
+      tokens = sample_calibration_tokens(model, p.n_windows, p.window, kAutoCalibSeed, 0, [&](int64_t done, int64_t total) {
+        if (!tty) return;
+        fmt::print(stderr, "\rkvq: sampling calibration text {}/{} tokens  {:.0f} s   ", done, total, clock.seconds());
+        std::fflush(stderr);
+      });
+      if (tty) fmt::print(stderr, "\n");
+    }
+    if (tty)
+      p.progress = [&](std::string_view stage, int64_t done, int64_t total) {
+        fmt::print(stderr, "\rkvq: calibration {} {}/{}  {:.0f} s   ", stage, done, total, clock.seconds());
+        if (stage == "fit" && done == total) fmt::print(stderr, "\n");
+        std::fflush(stderr);
+      };
+    calibrate_kv(model, tokens, p, path);
+  } catch (const std::exception& e) {
+    if (tty) fmt::print(stderr, "\n");
+    fmt::print(stderr, "kvq: note: automatic KV calibration failed ({}); the KV cache stays f16\n", e.what());
+    return false;
+  }
+  fmt::print(stderr, "kvq: KV calibration saved to {} in {:.0f} s\n", path, clock.seconds());
+  return true;
+}
+
+}  // namespace
+
+std::string resolve_cache_type(const std::string& type, const std::shared_ptr<const Model>& model,
+                               const KvCacheOptions& kv, bool quiet) {
   if (type != "auto") return type;
-  const std::string note = auto_cache_note(model, kv);
-  if (note.empty()) return kAutoKvType;
+  if (auto_cache_note(*model, kv).empty()) return kAutoKvType;
+  // Only the default sidecar is made automatically (an explicit --kv-calib that
+  // does not exist is the user's to create), once per process.
+  static int auto_result = -1;
+  if (kv.calibration.empty() && auto_calibration_enabled()) {
+    if (auto_result < 0) auto_result = auto_calibrate(model) ? 1 : 0;
+    if (auto_result == 1) return kAutoKvType;
+  }
   static bool told = false;  // once per process, not once per K and V
-  if (!quiet && !std::exchange(told, true)) fmt::print(stderr, "kvq: note: {}\n", note);
+  const std::string note = auto_cache_note(*model, kv);
+  if (!quiet && !note.empty() && !std::exchange(told, true)) fmt::print(stderr, "kvq: note: {}\n", note);
   return "f16";
 }
 

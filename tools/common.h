@@ -48,13 +48,20 @@ struct KvCacheOptions {
 };
 void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);
 
-// The cache type "auto" (kvq run's default): the KVQuant preset kAutoKvType when
-// the model has a calibration sidecar (--kv-calib or the default path), else f16
-// with a note on stderr saying how to calibrate. Other names pass through.
+// The cache type "auto" (the default of kvq run and passkey): the KVQuant preset
+// kAutoKvType when the model has a calibration sidecar (--kv-calib or the default
+// path). Without one at the default path it is made on the spot, once, and cached
+// there: kAutoCalibWindows x kAutoCalibWindow tokens of $KVQ_CALIB_TEXT, or sampled
+// from the model itself (KVQ_AUTO_CALIB=0 turns this off). Otherwise f16, with a
+// note on stderr saying how to calibrate. Other names pass through.
 inline constexpr const char* kAutoKvType = "int4-ch-1%";
+inline constexpr int64_t kAutoCalibWindows = 4;
+inline constexpr int64_t kAutoCalibWindow = 1024;
+inline constexpr uint64_t kAutoCalibSeed = 0;  // as kvq calibrate's default --seed
 // `quiet` leaves the note to the caller (auto_cache_note), e.g. to print it after
 // the checks that may still fail with a one-line error.
-std::string resolve_cache_type(const std::string& type, const Model& model, const KvCacheOptions& kv, bool quiet);
+std::string resolve_cache_type(const std::string& type, const std::shared_ptr<const Model>& model,
+                               const KvCacheOptions& kv, bool quiet);
 std::string auto_cache_note(const Model& model, const KvCacheOptions& kv);  // empty when calibrated
 
 // Numeric validators whose messages read well ("must be >= 0, got -5").

@@ -134,6 +134,18 @@ struct CalibrationReport {
 CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<const int32_t> tokens,
                                const CalibrationParams& params, const std::string& out_path);
 
+// Calibration text when none is at hand: n_windows sequences of `window` tokens,
+// each sampled from the model itself after its BOS token (temperature 1, no top-k
+// or top-p cut, end-of-generation tokens never drawn; window w seeded with
+// seed + w), concatenated so that calibrate_kv's windows are exactly these
+// sequences. The model's own samples follow the distribution it was trained on,
+// which is what the KV statistics should describe when no representative text is
+// given. Deterministic for a given seed and thread count. Progress: (done, total)
+// tokens.
+std::vector<int32_t> sample_calibration_tokens(std::shared_ptr<const Model> model, int64_t n_windows, int64_t window,
+                                               uint64_t seed, int n_threads,
+                                               const std::function<void(int64_t done, int64_t total)>& progress = {});
+
 // The weightings calibrate_kv knows, the default first.
 std::vector<std::string> calibration_weightings();
 // "DIR/x.kvcalib.gguf" + "none" -> "DIR/x.kvcalib.none.gguf" (".gguf" appended when absent).

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "base/error.h"
@@ -70,6 +71,47 @@ std::string kv_calibration_sibling_path(const std::string& out_path, const std::
 }
 
 std::string default_kv_calibration_path(const Model& model) { return model.info().path + ".kvcalib.gguf"; }
+
+std::vector<int32_t> sample_calibration_tokens(std::shared_ptr<const Model> model, int64_t n_windows, int64_t window,
+                                               uint64_t seed, int n_threads,
+                                               const std::function<void(int64_t, int64_t)>& progress) {
+  if (!model) fail("calibration sampling: no model");
+  const ModelInfo& info = model->info();
+  const int64_t max_window = info.n_ctx_train > 0 ? info.n_ctx_train : (int64_t(1) << 24);
+  if (n_windows < 1 || window < 2 || window > max_window || n_windows > (int64_t(1) << 24) / window)
+    fail("calibration sampling: {} windows of {} tokens is out of range (window 2..{})", n_windows, window, max_window);
+  const int32_t bos = model->bos_id();
+  if (bos < 0) fail("calibration sampling: the model has no BOS token to start from; give a calibration text");
+  // Tokens the sampler must never draw: the ends of generation (a calibration
+  // window is one long text, not a finished answer).
+  std::vector<int32_t> banned;
+  for (int32_t id = 0; id < info.n_vocab; ++id)
+    if (model->is_end_of_generation(id)) banned.push_back(id);
+
+  SessionParams sp;
+  sp.n_ctx = window;
+  sp.n_threads = n_threads;
+  Session session(model, sp);
+  std::vector<int32_t> out;
+  out.reserve(size_t(n_windows * window));
+  std::vector<float> logits;
+  const int64_t total = n_windows * window;
+  for (int64_t w = 0; w < n_windows; ++w) {
+    session.reset();
+    Sampler sampler(SamplerParams{1.0f, 0, 1.0f, seed + uint64_t(w)});
+    int32_t tok = bos;
+    for (int64_t i = 0; i < window; ++i) {
+      out.push_back(tok);
+      if (progress && (i % 64 == 63 || i == window - 1)) progress(w * window + i + 1, total);
+      if (i + 1 == window) break;
+      const std::span<const float> l = session.eval(std::span<const int32_t>(&tok, 1));
+      logits.assign(l.begin(), l.end());
+      for (int32_t id : banned) logits[size_t(id)] = -std::numeric_limits<float>::infinity();
+      tok = sampler.sample(logits);
+    }
+  }
+  return out;
+}
 
 CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<const int32_t> tokens,
                                const CalibrationParams& params, const std::string& out_path) {

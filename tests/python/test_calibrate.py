@@ -126,10 +126,15 @@ def test_fisher_is_the_default_and_also_weighting_writes_siblings(tiny):
     assert_clean_error(p, code=2, mentions=("--also-weighting", "fisher-s2", "twice"))
 
 
-def test_missing_text_names_the_protocol(tiny):
-    p = run_kvq("calibrate", "-m", tiny["model"])
-    msg = assert_clean_error(p, code=2)
-    assert "-f" in msg and "wiki.valid.tokens" in msg and "test" in msg
+def test_missing_text_means_sampled_text_and_says_so(tiny):
+    # No -f: the model writes its own calibration text; the default window is
+    # clamped to the model's context (256 for the tiny model).
+    out = tiny["dir"] / "sampled.kvcalib.gguf"
+    p = run_kvq("calibrate", "-m", tiny["model"], "-o", str(out), "--windows", "1", "--weighting", "scale2")
+    assert_not_crashed(p)
+    assert p.returncode == 0, text(p.stderr)
+    assert "sampling 1 x 256 tokens" in text(p.stderr) and "model itself" in text(p.stderr)
+    assert out.exists()
 
 
 def test_text_too_short(tiny):
@@ -219,3 +224,75 @@ def test_auto_cache_is_the_kvquant_preset_once_calibrated(tiny, sidecar):
     without = run_kvq(*args, "--kv-calib", str(tiny["dir"] / "missing.gguf"))
     assert without.returncode == 0, text(without.stderr)
     assert json.loads(without.stdout)["kv_type_k"] == "f16"
+
+
+def text_name_of(path: str) -> str:
+    f = gguf.GGUFReader(path).fields["kvq.calib.text_name"]
+    return bytes(f.parts[f.data[0]]).decode()
+
+
+def test_without_text_the_model_samples_its_own(tiny):
+    # No -f: calibration text sampled from the model itself, deterministic for a seed.
+    outs = [str(tiny["dir"] / f"self{i}.kvcalib.gguf") for i in range(3)]
+    for out, seed in zip(outs, ("0", "0", "7")):
+        p = run_kvq("calibrate", "-m", tiny["model"], "-o", out, "--window", "32", "--windows", "2", "-t", "2",
+                    "--weighting", "scale2", "--seed", seed, "--json")
+        assert_not_crashed(p)
+        assert p.returncode == 0, text(p.stderr)
+        j = json.loads(p.stdout)
+        assert j["text_sampled"] is True and j["text_file"] is None and j["n_tokens"] == 64
+    a, b, c = (pathlib.Path(o).read_bytes() for o in outs)
+    assert a == b, "same seed, same sidecar"
+    assert a != c, "the seed changes the sampled text"
+    assert text_name_of(outs[0]).startswith("sampled from the model")
+
+
+def fresh_model(tiny: dict, name: str) -> pathlib.Path:
+    """The tiny model alone in a new folder (no sidecar beside it)."""
+    d = tiny["dir"] / name
+    d.mkdir()
+    m = d / "tiny.gguf"
+    m.write_bytes(pathlib.Path(tiny["model"]).read_bytes())
+    return m
+
+
+def run_auto(model: pathlib.Path, env: dict | None = None):
+    return run_kvq("run", "-m", str(model), "-p", "the quick brown fox", "-n", "4", "--temp", "0", "-t", "2",
+                   "--json", env={"KVQ_AUTO_CALIB": "1", **(env or {})})
+
+
+def test_auto_cache_calibrates_once_on_first_use(tiny):
+    m = fresh_model(tiny, "auto")
+    sidecar = pathlib.Path(str(m) + ".kvcalib.gguf")
+    p = run_auto(m)
+    assert_not_crashed(p)
+    assert p.returncode == 0, text(p.stderr)
+    assert json.loads(p.stdout)["kv_type_k"] == "int4-ch-1%"
+    assert "calibrat" in text(p.stderr) and sidecar.exists()
+    assert text_name_of(str(sidecar)).startswith("sampled from the model")
+    made = sidecar.stat().st_mtime_ns
+    # Second run: the cached sidecar, no new calibration.
+    q = run_auto(m)
+    assert q.returncode == 0, text(q.stderr)
+    assert json.loads(q.stdout)["kv_type_k"] == "int4-ch-1%"
+    assert "calibrat" not in text(q.stderr).lower()
+    assert sidecar.stat().st_mtime_ns == made
+
+
+def test_auto_calibration_can_be_turned_off_and_fails_safe(tiny):
+    m = fresh_model(tiny, "off")
+    p = run_kvq("run", "-m", str(m), "-p", "the quick brown fox", "-n", "4", "--temp", "0", "-t", "2",
+                env={"KVQ_AUTO_CALIB": "0"})
+    assert p.returncode == 0, text(p.stderr)
+    assert "K f16 / V f16" in text(p.stderr)
+    assert "kvq calibrate" in text(p.stderr)  # the note says how
+    assert not pathlib.Path(str(m) + ".kvcalib.gguf").exists()
+    # A calibration text too short for the windows: one line saying so, then f16.
+    short = tiny["dir"] / "short.txt"
+    short.write_text("too short")
+    p = run_auto(m, env={"KVQ_CALIB_TEXT": str(short)})
+    assert_not_crashed(p)
+    assert p.returncode == 0, text(p.stderr)
+    assert json.loads(p.stdout)["kv_type_k"] == "f16"
+    assert "automatic KV calibration failed" in text(p.stderr)
+    assert not pathlib.Path(str(m) + ".kvcalib.gguf").exists()

@@ -39,8 +39,10 @@ def kvq_bin() -> str:
 
 
 def run_kvq(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # No automatic KV calibration unless a test asks for it (it would sample
+    # text from the real model on a machine where it has no sidecar yet).
     return subprocess.run([kvq_bin(), *args], capture_output=True, timeout=TIMEOUT_S,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "KVQ_AUTO_CALIB": "0", **(env or {})})
 
 
 def text(b: bytes) -> str:
