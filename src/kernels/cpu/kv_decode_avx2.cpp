@@ -32,6 +32,24 @@ template <int B>
 void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
   const int D = L.head_dim;
   const int groups = (n + 7) / 8;
+  if constexpr (B == 4) {
+    if (L.per_channel && L.channel_planes) {
+      // The channel's decoded levels as byte planes: 32 slots per lookup.
+      for (int d = 0; d < D; ++d) {
+        const int c = head * D + d;
+        const Lut4Bytes lut(L.channel_planes + int64_t(c) * 64);
+        const uint8_t* run = page + int64_t(c) * L.run_bytes;
+        float* out = dst + int64_t(d) * T;
+        for (int h = 0; h < 2 && 32 * h < n; ++h) {
+          __m256 lv[4];
+          lut.lookup32(run + 16 * h, lv);
+          for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * h + 8 * k, lv[k]);
+        }
+      }
+      add_outliers(L, page, head, n, dst);
+      return;
+    }
+  }
   if (L.per_channel) {
     alignas(32) float table[256];
     for (int d = 0; d < D; ++d) {
@@ -176,21 +194,35 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
   const int groups = (n + 7) / 8;
   alignas(32) float ta[256], tb[256];
   auto channel_of = [&](int i, bool second) { return neox ? (second ? i + half : i) : (second ? 2 * i + 1 : 2 * i); };
+  // 4-bit codes with per-channel byte planes: 32 slots per lookup (byte shuffles);
+  // otherwise 8 per lookup (shifts + vpermps).
+  const bool planes = B == 4 && L.channel_planes;
   for (int i = 0; i < half; ++i) {
     const int a = channel_of(i, false), b = channel_of(i, true);
     const int ca = head * D + a, cb = head * D + b;
-    const Lut<B> la(L.levels, L.zp[ca], L.range[ca], ta), lb(L.levels, L.zp[cb], L.range[cb], tb);
     const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
     const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
     const float* c = cs + i * T;
     const float* sn = cs + (half + i) * T;
     float* xa = dst + int64_t(a) * T;
     float* xb = dst + int64_t(b) * T;
-    for (int g = 0; g < groups; ++g) {
-      const __m256 x = la(unpack8<B>(ra + g * B)), y = lb(unpack8<B>(rb + g * B));
-      const __m256 cv = _mm256_loadu_ps(c + 8 * g), sv = _mm256_loadu_ps(sn + 8 * g);
-      _mm256_storeu_ps(xa + 8 * g, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
-      _mm256_storeu_ps(xb + 8 * g, _mm256_add_ps(_mm256_mul_ps(x, sv), _mm256_mul_ps(y, cv)));
+    // Rotates slots j..j+7 of the pair (x, y) at their angles and stores them.
+    auto rotate8 = [&](int j, __m256 x, __m256 y) {
+      const __m256 cv = _mm256_loadu_ps(c + j), sv = _mm256_loadu_ps(sn + j);
+      _mm256_storeu_ps(xa + j, _mm256_sub_ps(_mm256_mul_ps(x, cv), _mm256_mul_ps(y, sv)));
+      _mm256_storeu_ps(xb + j, _mm256_add_ps(_mm256_mul_ps(x, sv), _mm256_mul_ps(y, cv)));
+    };
+    if (planes) {
+      const Lut4Bytes la(L.channel_planes + int64_t(ca) * 64), lb(L.channel_planes + int64_t(cb) * 64);
+      for (int h = 0; h < 2 && 32 * h < n; ++h) {
+        __m256 x[4], y[4];
+        la.lookup32(ra + 16 * h, x);
+        lb.lookup32(rb + 16 * h, y);
+        for (int k = 0; k < 4; ++k) rotate8(32 * h + 8 * k, x[k], y[k]);
+      }
+    } else {
+      const Lut<B> la(L.levels, L.zp[ca], L.range[ca], ta), lb(L.levels, L.zp[cb], L.range[cb], tb);
+      for (int g = 0; g < groups; ++g) rotate8(8 * g, la(unpack8<B>(ra + g * B)), lb(unpack8<B>(rb + g * B)));
     }
   }
   // Channels past the rotated ones (n_rot < head_dim) pass through.

@@ -153,6 +153,11 @@ struct Lut4Bytes {
     for (int b = 0; b < 4; ++b)
       plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(pl[b])));
   }
+  // From ready-made planes (64 bytes: plane b at planes + 16 * b).
+  explicit Lut4Bytes(const uint8_t* planes) {
+    for (int b = 0; b < 4; ++b)
+      plane[b] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes + 16 * b)));
+  }
   // Levels of the 32 codes packed LSB-first in 16 bytes at p, in element order.
   inline void lookup32(const uint8_t* p, __m256 out[4]) const {
     const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
