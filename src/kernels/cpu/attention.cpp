@@ -62,6 +62,8 @@ void tile_step_scalar(const TileStep& t) {
 
 namespace {
 
+constexpr int kPackedValuesMaxRows = 6;  // two 3-row blocks of the tile step
+
 struct Scratch {
   std::vector<float> q, kt, v, s, acc, m, l;
   std::vector<int32_t> row_pos;
@@ -170,7 +172,10 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
             kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
             attn::TileStep ts{sc.q.data() + hr * hd, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
                               sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()};
-            if (packed_values && kv.all_quantized(p, fp_all)) {
+            // Values accumulated straight from the packed codes redo the lookups
+            // for every 3 query rows: that pays for a few rows (decode); more
+            // rows decode the value tile once and reuse it.
+            if (packed_values && rows <= kPackedValuesMaxRows && kv.all_quantized(p, fp_all)) {
               ts.v = nullptr;  // read from the page by the step itself
               ts.v_layout = &kv.v_codec->layout();
               ts.v_page = kv.pages[p] + kv.v_offset;
