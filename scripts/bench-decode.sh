@@ -9,7 +9,7 @@
 # usage: scripts/bench-decode.sh
 #   Environment: FORMATS (space separated; default f16 q8_0 q4_0 int4-ch-1% nuq4-1%
 #   nuq3-1% nuq2-1%), DEPTHS (comma separated; 1024,4096,16384), N_GEN (32), REPS (3),
-#   THREADS, MODEL, OUT (docs/bench-decode).
+#   THREADS, MODEL, OUT (docs/bench-decode), KVQ_BIN (build/release/kvq).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,7 @@ depths=${DEPTHS:-1024,4096,16384}
 n_gen=${N_GEN:-32}
 reps=${REPS:-3}
 out=${OUT:-docs/bench-decode}
-kvq=build/release/kvq
+kvq=${KVQ_BIN:-build/release/kvq}
 model=${MODEL:-$(scripts/fetch-model.sh)}
 threads=${THREADS:-$(nproc)}
 [[ -x $kvq ]] || { echo "bench-decode: build first: cmake --preset release && cmake --build --preset release" >&2; exit 1; }

@@ -10,7 +10,8 @@
 #   next to the repository; WikiText-2 raw: rows of the test split joined with "\n\n",
 #   the validation split likewise). Environment: CTX (2048), CHUNKS (32), MODEL,
 #   THREADS, SWEEP (space-separated cache specs, overrides the default list), OUT (docs/kv-eval-sweep),
-#   KV_CALIB (the calibration sidecar; default MODEL.kvcalib.gguf, made here when missing).
+#   KV_CALIB (the calibration sidecar; default MODEL.kvcalib.gguf, made here when missing),
+#   KVQ_BIN (build/release/kvq).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,7 @@ data=${1:-../shared/data/wikitext-2}
 ctx=${CTX:-2048}
 chunks=${CHUNKS:-32}
 out=${OUT:-docs/kv-eval-sweep}
-kvq=build/release/kvq
+kvq=${KVQ_BIN:-build/release/kvq}
 model=${MODEL:-$(scripts/fetch-model.sh)}
 threads=${THREADS:-$(nproc)}
 
