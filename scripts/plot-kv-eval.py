@@ -127,7 +127,13 @@ def plot(data: dict, out: pathlib.Path, title: str | None) -> None:
         ax.annotate(base["name"], (base["bits_per_element"], 0.0), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
     ax.set_xlabel("bits per element (K and V averaged, metadata included)")
-    ax.set_ylabel(f"perplexity change vs {base['name']} (%)")
+    ylabel = f"perplexity change vs {base['name']} (%)"
+    # A broken format (int2: +78,000 %) would flatten every other point onto the
+    # axis: past 1000 % the axis is logarithmic beyond +-1 %.
+    if ys and max(abs(y) for y in ys) > 1000:
+        ax.set_yscale("symlog", linthresh=1.0)
+        ylabel += ", symlog scale"
+    ax.set_ylabel(ylabel)
     ctx = data.get("ctx")
     ax.set_title(title or (f"KV cache formats, ctx {ctx}" if ctx is not None else "KV cache formats"))
     ax.grid(True, linewidth=0.5, alpha=0.5)
