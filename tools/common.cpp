@@ -190,13 +190,13 @@ CLI::Validator kv_format_validator() {
 void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_v) {
   const std::string names = kv_format_names();
   app.add_option("--cache-type-k", type_k,
-                 fmt::format("KV cache format for keys, also -ctk: auto (= {} when calibrated, else f16), {}",
+                 fmt::format("KV cache format for keys, also -ctk: auto (= {}, calibrated on first use; f16 if that is off or fails), {}",
                              kAutoKvType, names))
       ->type_name("TYPE")
       ->check(kv_format_validator())
       ->capture_default_str();
   app.add_option("--cache-type-v", type_v,
-                 fmt::format("KV cache format for values, also -ctv: auto (= {} when calibrated, else f16), {}",
+                 fmt::format("KV cache format for values, also -ctv: auto (= {}, calibrated on first use; f16 if that is off or fails), {}",
                              kAutoKvType, names))
       ->type_name("TYPE")
       ->check(kv_format_validator())
