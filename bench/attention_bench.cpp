@@ -134,6 +134,30 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
   state.counters["tok/s"] = benchmark::Counter(iters * fl.layers / kModelLayers, benchmark::Counter::kIsRate);
 }
 
+// The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
+// packed, mostly cache-resident) attended by one query token on one thread,
+// repeated; "ns/tile" per (page, KV head) tile of keys and values.
+void BM_DecodeAttention1T(benchmark::State& state, std::string name) {
+  static ThreadPool one(1);
+  const int64_t ctx = 4096;
+  Filled& fl = filled(name, ctx);
+  std::mt19937 rng(2);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int n_heads = kKvHeads * kGroup;
+  std::vector<float> q(size_t(n_heads) * kHd), out(q.size());
+  for (auto& x : q) x = nd(rng);
+  const int32_t qpos = int32_t(ctx);
+  const KvLayerView view = fl.cache->view(0);
+  for (auto _ : state) {
+    AttentionArgs a{q.data(), 1, n_heads, &qpos, 1.0f / 8.0f, view, out.data()};
+    attention(a, one);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double tiles = double(ctx / kKvPageTokens) * kKvHeads;
+  state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
+                                                 benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+}
+
 // The tile decode stages alone: every page of one layer, every head, keys
 // (with RoPE for pre-RoPE formats) and values, one thread. Arg 1: SIMD on/off.
 void BM_TileDecode(benchmark::State& state, std::string name) {
@@ -208,6 +232,8 @@ int register_all() {
   for (const char* f : kFormats) {
     benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f).c_str(), BM_DecodeAttention1T, std::string(f))
+        ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
         ->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))

@@ -172,18 +172,24 @@ class QuantCodec final : public KvCodec {
       mids_.resize(size_t(nlev_ - 1));
       for (int c = 0; c + 1 < nlev_; ++c) mids_[size_t(c)] = (double(levels_[size_t(c)]) + levels_[size_t(c + 1)]) / 2;
     }
+    // Byte planes of 16-entry tables (see KvCodecLayout): byte b of entry l at [b * 16 + l].
+    auto put_planes = [](uint8_t* planes, int l, float x) {
+      uint32_t u;
+      std::memcpy(&u, &x, 4);
+      for (int b = 0; b < 4; ++b) planes[b * 16 + l] = uint8_t(u >> (8 * b));
+    };
+    if (bits_ == 4 && !levels_.empty()) {
+      level_planes_.resize(64);
+      for (int l = 0; l < 16; ++l) put_planes(level_planes_.data(), l, levels_[size_t(l)]);
+    }
     if (per_channel_ && bits_ == 4 && ready_) {
       // Each channel's 16 decoded levels zp_c + r_c * L[l] (exactly dequant()'s
       // arithmetic), stored as byte planes: byte b of level l at [c][b][l], the
       // tables of 16-entry byte-shuffle lookups.
       channel_planes_.resize(size_t(row) * 64);
       for (int c = 0; c < row; ++c)
-        for (int l = 0; l < 16; ++l) {
-          const float x = dequant(zp_[size_t(c)], r_[size_t(c)], uint32_t(l));
-          uint32_t u;
-          std::memcpy(&u, &x, 4);
-          for (int b = 0; b < 4; ++b) channel_planes_[size_t(c) * 64 + size_t(b) * 16 + size_t(l)] = uint8_t(u >> (8 * b));
-        }
+        for (int l = 0; l < 16; ++l)
+          put_planes(channel_planes_.data() + size_t(c) * 64, l, dequant(zp_[size_t(c)], r_[size_t(c)], uint32_t(l)));
     }
     layout_.scheme = KvScheme::quant;
     layout_.role = role;
@@ -201,6 +207,7 @@ class QuantCodec final : public KvCodec {
     layout_.res_off = res_off_;
     layout_.idx_off = idx_off_;
     layout_.channel_planes = channel_planes_.empty() ? nullptr : channel_planes_.data();
+    layout_.level_planes = level_planes_.empty() ? nullptr : level_planes_.data();
   }
 
   KvPageBytes page_layout() const override {
@@ -457,6 +464,7 @@ class QuantCodec final : public KvCodec {
   std::vector<double> mids_;   // thresholds between neighbouring levels
   std::vector<float> zp_, r_;  // per-channel keys: zero-point and range per row channel
   std::vector<uint8_t> channel_planes_;  // 4-bit per-channel keys: see KvCodecLayout::channel_planes
+  std::vector<uint8_t> level_planes_;    // 4-bit codes: KvCodecLayout::level_planes
 };
 
 }  // namespace

@@ -150,11 +150,15 @@ inline void accumulate_chunk(const float* p, int n, const float* v, int hd, int 
 }
 #undef KVQ_ACC4
 
-// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors.
+// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors, and
+// where each vector's elements sit: element order (kLanes false: vector k holds
+// d0+8k..+7) or the 4-bit lookup's lane order (kLanes true: vector k holds
+// d0+4k..+3 and d0+16+4k..+3; see Lut4Bytes::lookup32_lanes).
 template <int B>
 struct RunLevels {
+  static constexpr bool kLanes = false;
   simd::kvx::Lut<B> lut;
-  explicit RunLevels(const float* levels) : lut(levels) {}
+  explicit RunLevels(const KvCodecLayout& L) : lut(L.levels) {}
   inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
     const uint8_t* p = run + d0 / 8 * B;
     l0 = lut(simd::kvx::unpack8<B>(p));
@@ -165,14 +169,26 @@ struct RunLevels {
 };
 template <>
 struct RunLevels<4> {
+  static constexpr bool kLanes = true;
   simd::kvx::Lut4Bytes lut;
-  explicit RunLevels(const float* levels) : lut(levels) {}
+  explicit RunLevels(const KvCodecLayout& L) : lut(L.level_planes) {}
   inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
     __m256 l[4];
-    lut.lookup32(run + d0 / 2, l);
+    lut.lookup32_lanes(run + d0 / 2, l);
     l0 = l[0], l1 = l[1], l2 = l[2], l3 = l[3];
   }
 };
+
+// Vector k of the 32 floats at a, in RunLevels' order.
+template <bool kLanes>
+inline __m256 load_block(const float* a, int k) {
+  return kLanes ? _mm256_loadu2_m128(a + 16 + 4 * k, a + 4 * k) : _mm256_loadu_ps(a + 8 * k);
+}
+template <bool kLanes>
+inline void store_block(float* a, int k, __m256 v) {
+  if (kLanes) _mm256_storeu2_m128(a + 16 + 4 * k, a + 4 * k, v);
+  else _mm256_storeu_ps(a + 8 * k, v);
+}
 
 // The value half of a tile step read from the packed page (see
 // packed_values_supported): p holds the rows' probabilities, acc their
@@ -204,16 +220,18 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
   simd::kvx::for_each_outlier(L, t.v_page, t.v_head, n, [&](int j, int d, float e) {
     for (int r = 0; r < R; ++r) acc[r * hd + d] += p[r * kTile + j] * e;
   });
-  const RunLevels<B> levels(L.levels);
+  using Levels = RunLevels<B>;
+  constexpr bool lanes = Levels::kLanes;
+  const Levels levels(L);
   const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;
   for (int d0 = 0; d0 < hd; d0 += 32) {
     float* ra = acc + d0;
     float* rb = acc + hd + d0;
     float* rc = acc + 2 * hd + d0;
-    __m256 a0 = _mm256_loadu_ps(ra), a1 = _mm256_loadu_ps(ra + 8), a2 = _mm256_loadu_ps(ra + 16), a3 = _mm256_loadu_ps(ra + 24);
+    __m256 a0 = load_block<lanes>(ra, 0), a1 = load_block<lanes>(ra, 1), a2 = load_block<lanes>(ra, 2), a3 = load_block<lanes>(ra, 3);
     __m256 b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0 = a0, c1 = a1, c2 = a2, c3 = a3;
-    if constexpr (R > 1) b0 = _mm256_loadu_ps(rb), b1 = _mm256_loadu_ps(rb + 8), b2 = _mm256_loadu_ps(rb + 16), b3 = _mm256_loadu_ps(rb + 24);
-    if constexpr (R > 2) c0 = _mm256_loadu_ps(rc), c1 = _mm256_loadu_ps(rc + 8), c2 = _mm256_loadu_ps(rc + 16), c3 = _mm256_loadu_ps(rc + 24);
+    if constexpr (R > 1) b0 = load_block<lanes>(rb, 0), b1 = load_block<lanes>(rb, 1), b2 = load_block<lanes>(rb, 2), b3 = load_block<lanes>(rb, 3);
+    if constexpr (R > 2) c0 = load_block<lanes>(rc, 0), c1 = load_block<lanes>(rc, 1), c2 = load_block<lanes>(rc, 2), c3 = load_block<lanes>(rc, 3);
     for (int j = 0; j < n; ++j) {
       __m256 l0, l1, l2, l3;
       levels(runs + int64_t(j) * L.run_bytes, d0, l0, l1, l2, l3);
@@ -233,17 +251,17 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
     }
     // The zero-point term, once per element.
     const __m256 za = _mm256_set1_ps(zsum[0]);
-    _mm256_storeu_ps(ra, _mm256_add_ps(a0, za)), _mm256_storeu_ps(ra + 8, _mm256_add_ps(a1, za));
-    _mm256_storeu_ps(ra + 16, _mm256_add_ps(a2, za)), _mm256_storeu_ps(ra + 24, _mm256_add_ps(a3, za));
+    store_block<lanes>(ra, 0, _mm256_add_ps(a0, za)), store_block<lanes>(ra, 1, _mm256_add_ps(a1, za));
+    store_block<lanes>(ra, 2, _mm256_add_ps(a2, za)), store_block<lanes>(ra, 3, _mm256_add_ps(a3, za));
     if constexpr (R > 1) {
       const __m256 zb = _mm256_set1_ps(zsum[1]);
-      _mm256_storeu_ps(rb, _mm256_add_ps(b0, zb)), _mm256_storeu_ps(rb + 8, _mm256_add_ps(b1, zb));
-      _mm256_storeu_ps(rb + 16, _mm256_add_ps(b2, zb)), _mm256_storeu_ps(rb + 24, _mm256_add_ps(b3, zb));
+      store_block<lanes>(rb, 0, _mm256_add_ps(b0, zb)), store_block<lanes>(rb, 1, _mm256_add_ps(b1, zb));
+      store_block<lanes>(rb, 2, _mm256_add_ps(b2, zb)), store_block<lanes>(rb, 3, _mm256_add_ps(b3, zb));
     }
     if constexpr (R > 2) {
       const __m256 zc = _mm256_set1_ps(zsum[2]);
-      _mm256_storeu_ps(rc, _mm256_add_ps(c0, zc)), _mm256_storeu_ps(rc + 8, _mm256_add_ps(c1, zc));
-      _mm256_storeu_ps(rc + 16, _mm256_add_ps(c2, zc)), _mm256_storeu_ps(rc + 24, _mm256_add_ps(c3, zc));
+      store_block<lanes>(rc, 0, _mm256_add_ps(c0, zc)), store_block<lanes>(rc, 1, _mm256_add_ps(c1, zc));
+      store_block<lanes>(rc, 2, _mm256_add_ps(c2, zc)), store_block<lanes>(rc, 3, _mm256_add_ps(c3, zc));
     }
   }
 }

@@ -143,23 +143,26 @@ inline void for_each_outlier(const KvCodecLayout& L, const uint8_t* page, int he
 // ~12 for unpack-by-shift + two vpermps + blend.
 struct Lut4Bytes {
   __m256i plane[4];
-  explicit Lut4Bytes(const float* table) {
-    alignas(16) uint8_t pl[4][16];
-    for (int l = 0; l < 16; ++l) {
-      uint32_t u;
-      std::memcpy(&u, table + l, 4);
-      for (int b = 0; b < 4; ++b) pl[b][l] = uint8_t(u >> (8 * b));
-    }
-    for (int b = 0; b < 4; ++b)
-      plane[b] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(pl[b])));
-  }
-  // From ready-made planes (64 bytes: plane b at planes + 16 * b).
+  // From the table's byte planes (64 bytes: byte b of entry l at planes[16 * b + l];
+  // KvCodecLayout::level_planes, channel_planes).
   explicit Lut4Bytes(const uint8_t* planes) {
     for (int b = 0; b < 4; ++b)
       plane[b] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(planes + 16 * b)));
   }
   // Levels of the 32 codes packed LSB-first in 16 bytes at p, in element order.
   inline void lookup32(const uint8_t* p, __m256 out[4]) const {
+    __m256 f[4];
+    lookup32_lanes(p, f);
+    out[0] = _mm256_permute2f128_ps(f[0], f[1], 0x20);
+    out[1] = _mm256_permute2f128_ps(f[2], f[3], 0x20);
+    out[2] = _mm256_permute2f128_ps(f[0], f[1], 0x31);
+    out[3] = _mm256_permute2f128_ps(f[2], f[3], 0x31);
+  }
+  // The same levels in the order the unpacks leave them, per 128-bit lane:
+  // out[k] holds elements 4k..4k+3 (low lane) and 16+4k..16+4k+3 (high lane).
+  // For a caller that keeps its own vectors in that order (a sum over slots
+  // into per-element accumulators), four cross-lane permutes fewer per call.
+  inline void lookup32_lanes(const uint8_t* p, __m256 out[4]) const {
     const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i m = _mm_set1_epi8(0x0f);
     const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
@@ -169,15 +172,10 @@ struct Lut4Bytes {
     const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
     const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
     const __m256i w23l = _mm256_unpacklo_epi8(b2, b3), w23h = _mm256_unpackhi_epi8(b2, b3);
-    // Per 128-bit lane (lane 0: elements 0..15, lane 1: 16..31):
-    const __m256i f0 = _mm256_unpacklo_epi16(w01l, w23l);  // 0..3   | 16..19
-    const __m256i f1 = _mm256_unpackhi_epi16(w01l, w23l);  // 4..7   | 20..23
-    const __m256i f2 = _mm256_unpacklo_epi16(w01h, w23h);  // 8..11  | 24..27
-    const __m256i f3 = _mm256_unpackhi_epi16(w01h, w23h);  // 12..15 | 28..31
-    out[0] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x20));
-    out[1] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x20));
-    out[2] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f0, f1, 0x31));
-    out[3] = _mm256_castsi256_ps(_mm256_permute2x128_si256(f2, f3, 0x31));
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01l, w23l));  // 0..3   | 16..19
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01l, w23l));  // 4..7   | 20..23
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01h, w23h));  // 8..11  | 24..27
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01h, w23h));  // 12..15 | 28..31
   }
 };
 
