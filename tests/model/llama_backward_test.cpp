@@ -20,6 +20,7 @@
 #include "model/llama.h"
 #include "model/llama_backward.h"
 #include "quant/quant.h"
+#include "tiny_llama.h"
 
 namespace kvq {
 namespace {
@@ -325,42 +326,10 @@ struct TinyLlama {
   gguf::File file;
   LlamaModel model;
   static gguf::File make(bool untied, uint32_t seed) {
-    const int d = 16, n_head = 4, n_kv = 2, hd = 4, ff = 24, vocab = 11, layers = 2;
-    std::mt19937 rng(seed);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    gguf::Writer w;
-    w.add_string("general.architecture", "llama");
-    w.add_uint32("llama.embedding_length", d);
-    w.add_uint32("llama.block_count", layers);
-    w.add_uint32("llama.feed_forward_length", ff);
-    w.add_uint32("llama.attention.head_count", n_head);
-    w.add_uint32("llama.attention.head_count_kv", n_kv);
-    w.add_uint32("llama.context_length", 64);
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    w.add_float32("llama.rope.freq_base", 100.0f);
-    auto add = [&](const std::string& name, std::vector<int64_t> dims, float sd, float mean = 0.0f) {
-      int64_t count = 1;
-      for (auto x : dims) count *= x;
-      std::vector<float> v(static_cast<size_t>(count));
-      for (float& x : v) x = mean + sd * nd(rng);
-      w.add_tensor(name, GgmlType::F32, dims, v.data(), v.size() * 4);
-    };
-    add("token_embd.weight", {d, vocab}, 1.0f);
-    add("output_norm.weight", {d}, 0.2f, 1.0f);
-    if (untied) add("output.weight", {d, vocab}, 0.5f);
-    for (int l = 0; l < layers; ++l) {
-      const std::string p = "blk." + std::to_string(l) + ".";
-      add(p + "attn_norm.weight", {d}, 0.2f, 1.0f);
-      add(p + "attn_q.weight", {d, n_head * hd}, 0.6f);
-      add(p + "attn_k.weight", {d, n_kv * hd}, 0.6f);
-      add(p + "attn_v.weight", {d, n_kv * hd}, 0.5f);
-      add(p + "attn_output.weight", {n_head * hd, d}, 0.3f);
-      add(p + "ffn_norm.weight", {d}, 0.2f, 1.0f);
-      add(p + "ffn_gate.weight", {d, ff}, 0.4f);
-      add(p + "ffn_up.weight", {d, ff}, 0.4f);
-      add(p + "ffn_down.weight", {ff, d}, 0.3f);
-    }
-    return gguf::File::from_bytes(w.to_bytes(), "tiny-llama");
+    test::TinyLlamaSpec s;  // the defaults: d=16, 4 heads / 2 KV heads of 4, 2 layers, ff 24, vocab 11
+    s.untied = untied;
+    s.seed = seed;
+    return test::tiny_llama_gguf(s);
   }
   explicit TinyLlama(bool untied = false, uint32_t seed = 7) : file(make(untied, seed)), model(file) {}
 };

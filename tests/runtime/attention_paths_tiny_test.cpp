@@ -26,6 +26,7 @@
 #include "kvcache/kv_cache.h"
 #include "model/llama.h"
 #include "runtime/model_impl.h"
+#include "tiny_llama.h"
 
 namespace kvq {
 namespace {
@@ -33,38 +34,11 @@ namespace {
 constexpr int kEmbd = 192, kHeads = 6, kKvHeads = 2, kHeadDim = 32, kFf = 128, kVocab = 40, kCtx = 256;
 
 gguf::File tiny_one_layer_model() {
-  std::mt19937 rng(21);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  gguf::Writer w;
-  w.add_string("general.architecture", "llama");
-  w.add_uint32("llama.embedding_length", kEmbd);
-  w.add_uint32("llama.block_count", 1);
-  w.add_uint32("llama.feed_forward_length", kFf);
-  w.add_uint32("llama.attention.head_count", kHeads);
-  w.add_uint32("llama.attention.head_count_kv", kKvHeads);
-  w.add_uint32("llama.context_length", kCtx);
-  w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
-  w.add_float32("llama.rope.freq_base", 10000.0f);
-  auto add = [&](const std::string& name, std::vector<int64_t> dims, float sd, float mean = 0.0f) {
-    int64_t count = 1;
-    for (auto x : dims) count *= x;
-    std::vector<float> v(static_cast<size_t>(count));
-    for (float& x : v) x = mean + sd * nd(rng);
-    w.add_tensor(name, GgmlType::F32, dims, v.data(), v.size() * 4);
-  };
-  add("token_embd.weight", {kEmbd, kVocab}, 1.0f);
-  add("output_norm.weight", {kEmbd}, 0.1f, 1.0f);
-  add("output.weight", {kEmbd, kVocab}, 0.3f);
-  add("blk.0.attn_norm.weight", {kEmbd}, 0.1f, 1.0f);
-  add("blk.0.attn_q.weight", {kEmbd, kHeads * kHeadDim}, 0.15f);
-  add("blk.0.attn_k.weight", {kEmbd, kKvHeads * kHeadDim}, 0.15f);
-  add("blk.0.attn_v.weight", {kEmbd, kKvHeads * kHeadDim}, 0.15f);
-  add("blk.0.attn_output.weight", {kHeads * kHeadDim, kEmbd}, 0.1f);
-  add("blk.0.ffn_norm.weight", {kEmbd}, 0.1f, 1.0f);
-  add("blk.0.ffn_gate.weight", {kEmbd, kFf}, 0.1f);
-  add("blk.0.ffn_up.weight", {kEmbd, kFf}, 0.1f);
-  add("blk.0.ffn_down.weight", {kFf, kEmbd}, 0.1f);
-  return gguf::File::from_bytes(w.to_bytes(), "tiny-one-layer");
+  test::TinyLlamaSpec s;
+  s.embd = kEmbd, s.n_head = kHeads, s.n_kv_head = kKvHeads, s.head_dim = kHeadDim, s.ff = kFf, s.vocab = kVocab;
+  s.layers = 1, s.ctx = kCtx, s.rope_base = 10000.0f, s.untied = true, s.seed = 21;
+  s.sd_norm = 0.1f, s.sd_q = s.sd_k = s.sd_v = 0.15f, s.sd_o = s.sd_gate = s.sd_up = s.sd_down = 0.1f, s.sd_output = 0.3f;
+  return test::tiny_llama_gguf(s, "tiny-one-layer");
 }
 
 struct TinyRun {
