@@ -109,23 +109,30 @@ Filled& filled(const std::string& name, int64_t ctx) {
   return fl;
 }
 
+// The next token's query (every query head, random) at position ctx, and its output.
+struct DecodeQuery {
+  static constexpr int kHeads = kKvHeads * kGroup;
+  std::vector<float> q, out;
+  int32_t pos;
+  explicit DecodeQuery(int64_t ctx) : q(size_t(kHeads) * kHd), out(q.size()), pos(int32_t(ctx)) {
+    std::mt19937 rng(2);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (auto& x : q) x = nd(rng);
+  }
+  void attend(const KvLayerView& view, ThreadPool& threads) {
+    attention({q.data(), 1, kHeads, &pos, 1.0f / 8.0f, view, out.data()}, threads);
+    benchmark::DoNotOptimize(out.data());
+  }
+};
+
 // One decode step's attention over every layer (the query is the next token).
 void BM_DecodeAttention(benchmark::State& state, std::string name) {
   const int64_t ctx = state.range(0);
   Filled& fl = filled(name, ctx);
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int n_heads = kKvHeads * kGroup;
-  std::vector<float> q(size_t(n_heads) * kHd), out(q.size());
-  for (auto& x : q) x = nd(rng);
-  const int32_t qpos = int32_t(ctx);
-  for (auto _ : state) {
-    for (int l = 0; l < fl.layers; ++l) {
-      AttentionArgs a{q.data(), 1, n_heads, &qpos, 1.0f / 8.0f, fl.cache->view(l), out.data()};
-      attention(a, pool());
-    }
-    benchmark::DoNotOptimize(out.data());
-  }
+  DecodeQuery query(ctx);
+  const int n_heads = DecodeQuery::kHeads;
+  for (auto _ : state)
+    for (int l = 0; l < fl.layers; ++l) query.attend(fl.cache->view(l), pool());
   const double iters = double(state.iterations());
   const double flops = 4.0 * n_heads * kHd * double(ctx) * fl.layers;  // QK + PV, 2 flops per multiply-add
   state.counters["layers"] = fl.layers;
@@ -141,18 +148,9 @@ void BM_DecodeAttention1T(benchmark::State& state, std::string name) {
   static ThreadPool one(1);
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
-  std::mt19937 rng(2);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  const int n_heads = kKvHeads * kGroup;
-  std::vector<float> q(size_t(n_heads) * kHd), out(q.size());
-  for (auto& x : q) x = nd(rng);
-  const int32_t qpos = int32_t(ctx);
+  DecodeQuery query(ctx);
   const KvLayerView view = fl.cache->view(0);
-  for (auto _ : state) {
-    AttentionArgs a{q.data(), 1, n_heads, &qpos, 1.0f / 8.0f, view, out.data()};
-    attention(a, one);
-    benchmark::DoNotOptimize(out.data());
-  }
+  for (auto _ : state) query.attend(view, one);
   const double tiles = double(ctx / kKvPageTokens) * kKvHeads;
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);

@@ -109,7 +109,8 @@ struct KvCodecLayout {
   // as 4 byte planes of 16 (byte b of level l at [c * 64 + b * 16 + l]), the
   // tables of byte-shuffle lookups; null otherwise.
   const uint8_t* channel_planes = nullptr;
-  // 4-bit codes: the level table L itself as the same 4 byte planes (64 bytes).
+  // 4-bit codes: the level table L itself as the same 4 byte planes (64 bytes);
+  // set whenever `levels` is.
   const uint8_t* level_planes = nullptr;
   int64_t run_bytes = 0;           // keys: one channel's 64 codes; values: one head vector
   int64_t codes_bytes = 0;         // scales (fp16 zp, fp16 range per slot) start here

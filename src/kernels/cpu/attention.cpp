@@ -22,7 +22,7 @@ namespace attn {
 
 bool packed_values_supported(const KvCodecLayout& L) {
   return L.scheme == KvScheme::quant && L.role == KvRole::value && L.levels && L.bits >= 2 && L.bits <= 4 &&
-         L.head_dim % 32 == 0 && (L.bits != 4 || L.level_planes);
+         L.head_dim % 32 == 0;
 }
 
 void tile_step_scalar(const TileStep& t) {

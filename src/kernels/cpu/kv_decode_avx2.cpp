@@ -86,7 +86,7 @@ template <int B>
 void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
   const int D = L.head_dim;
   if constexpr (B == 4) {
-    if (D % 32 == 0 && L.level_planes) {
+    if (D % 32 == 0) {
       const Lut4Bytes lut(L.level_planes);
       for (int j = 0; j < n; ++j) {
         const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
