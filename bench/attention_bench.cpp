@@ -143,14 +143,18 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 
 // The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
 // packed, mostly cache-resident) attended by one query token on one thread,
-// repeated; "ns/tile" per (page, KV head) tile of keys and values.
-void BM_DecodeAttention1T(benchmark::State& state, std::string name) {
+// repeated; "ns/tile" per (page, KV head) tile of keys and values. The
+// /portable and /scalar variants pin that tile kernel (the label names the one run).
+void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel) {
   static ThreadPool one(1);
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   DecodeQuery query(ctx);
   const KvLayerView view = fl.cache->view(0);
+  set_attention_kernel(kernel);
+  state.SetLabel(attention_kernel_name(kHd));
   for (auto _ : state) query.attend(view, one);
+  set_attention_kernel(AttentionKernel::automatic);
   const double tiles = double(ctx / kKvPageTokens) * kKvHeads;
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
@@ -230,8 +234,11 @@ int register_all() {
   for (const char* f : kFormats) {
     benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
-    benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f).c_str(), BM_DecodeAttention1T, std::string(f))
-        ->Unit(benchmark::kMicrosecond);
+    for (auto [suffix, kernel] : {std::pair{"", AttentionKernel::automatic}, std::pair{"/portable", AttentionKernel::portable},
+                                  std::pair{"/scalar", AttentionKernel::scalar}})
+      benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f + suffix).c_str(), BM_DecodeAttention1T,
+                                   std::string(f), kernel)
+          ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
         ->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))

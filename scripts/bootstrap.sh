@@ -4,7 +4,7 @@
 set -euo pipefail
 
 apt_packages=(build-essential cmake g++ clang libclang-rt-14-dev googletest libgtest-dev libbenchmark-dev
-              libfmt-dev libcli11-dev nlohmann-json3-dev python3 python3-pip unzip ca-certificates)
+              libfmt-dev libcli11-dev nlohmann-json3-dev libhwy-dev python3 python3-pip unzip ca-certificates)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

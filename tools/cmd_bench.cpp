@@ -7,6 +7,7 @@
 #include <random>
 
 #include "common.h"
+#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -180,6 +181,7 @@ int bench(const BenchOptions& o) {
                           {"n_params", m.n_params},
                           {"weight_bytes", m.weight_bytes},
                           {"threads", threads_used},
+                          {"attention_kernel", attention_kernel_name(m.head_dim)},
                           {"n_batch", o.n_batch},
                           {"seed", o.seed},
                           {"depth_fill", o.depth_fill},

@@ -1,5 +1,6 @@
-// The dispatched attention kernel (AVX2 tile path where the CPU has it, and the
-// scalar tile path via set_simd_level(SimdLevel::scalar)) against attention_ref(),
+// Every attention tile kernel this CPU runs (the scalar reference, the AVX2 one,
+// and the portable Highway one at each of its targets this CPU supports, e.g.
+// AVX2, SSE4, SSSE3 and the emulated baseline) against attention_ref(),
 // the double-precision two-pass oracle, over awkward shapes: cache lengths that
 // straddle page boundaries, decode (split-K + merge) and prefill query blocks,
 // grouped-query heads, head sizes with and without a SIMD path, 1-3 threads, and
@@ -21,6 +22,7 @@
 // smaller); a bug (wrong key, wrong head, missed mask, bad merge, a poor exp)
 // produces errors of order max|v| or at least far above this.
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <algorithm>
 #include <cfloat>
@@ -34,16 +36,71 @@
 #include "base/threads.h"
 #include "formats/kv_format.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_tile.h"
 #include "kvcache/kv_cache.h"
 #include "kvq/error.h"
 
 namespace kvq {
 namespace {
 
-struct SimdScope {
-  explicit SimdScope(SimdLevel l) { set_simd_level(l); }
-  ~SimdScope() { set_simd_level(detected_simd_level()); }
+// One way through the kernel: a tile kernel, the SIMD level of the tile
+// decoders beside it, and (portable kernel) the Highway target.
+struct KernelPath {
+  std::string name;
+  SimdLevel level;
+  AttentionKernel kernel;
+  int64_t target = 0;
 };
+
+std::vector<KernelPath> kernel_paths() {
+  std::vector<KernelPath> paths = {{"scalar", SimdLevel::scalar, AttentionKernel::scalar}};
+  if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", detected_simd_level(), AttentionKernel::avx2});
+  for (int64_t t : attn::portable_targets()) {
+    // Targets of AVX2 width and up run beside the AVX2 tile decoders (as on an
+    // AVX-512 CPU), narrower ones beside the codecs (as on a CPU without AVX2).
+    const std::string name = hwy::TargetName(t);
+    const bool wide = name.rfind("AVX", 0) == 0;
+    paths.push_back({"portable/" + name, wide ? detected_simd_level() : SimdLevel::scalar, AttentionKernel::portable, t});
+  }
+  return paths;
+}
+
+struct PathScope {
+  explicit PathScope(const KernelPath& p) {
+    set_simd_level(p.level);
+    set_attention_kernel(p.kernel);
+    attn::pin_portable_target(p.target);
+  }
+  ~PathScope() {
+    set_simd_level(detected_simd_level());
+    set_attention_kernel(AttentionKernel::automatic);
+    attn::pin_portable_target(0);
+  }
+};
+
+// Every Highway target compiled in that this CPU runs is among the paths above,
+// the portable baseline (one lane, EMU128 or SCALAR) included, so the tests
+// cover several vector widths.
+TEST(Attention, PortableKernelRunsEveryTargetOfThisCpu) {
+  const std::vector<int64_t> targets = attn::portable_targets();
+  ASSERT_GE(targets.size(), 1u);
+  std::string names;
+  for (int64_t t : targets) names += std::string(" ") + hwy::TargetName(t);
+  EXPECT_TRUE(names.find("EMU128") != std::string::npos || names.find("SCALAR") != std::string::npos)
+      << "no portable baseline among" << names;
+#if defined(__x86_64__)
+  if (detected_simd_level() >= SimdLevel::avx2) EXPECT_NE(names.find("AVX2"), std::string::npos) << names;
+  // Automatic choice: the hand-written kernel on AVX2 CPUs, Highway's AVX-512
+  // target on AVX-512 CPUs, the portable kernel for head sizes AVX2's cannot take.
+  if (detected_simd_level() == SimdLevel::avx2) EXPECT_EQ(attention_kernel_name(64), "avx2");
+  if (detected_simd_level() == SimdLevel::avx512) EXPECT_EQ(attention_kernel_name(64).rfind("portable/AVX3", 0), 0u);
+  if (detected_simd_level() >= SimdLevel::avx2) EXPECT_EQ(attention_kernel_name(20).rfind("portable/", 0), 0u);
+#endif
+  set_simd_level(SimdLevel::scalar);
+  // Lowered to scalar on a SIMD CPU: the reference (a CPU without AVX2 runs the portable kernel).
+  EXPECT_EQ(attention_kernel_name(64), detected_simd_level() == SimdLevel::scalar ? "portable/" + std::string(attn::portable_target_name()) : "scalar");
+  set_simd_level(detected_simd_level());
+}
 
 ThreadPool& pool(int n) {
   static std::unique_ptr<ThreadPool> pools[4];
@@ -214,22 +271,18 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b, si
   return m;
 }
 
-bool have_avx2() { return detected_simd_level() >= SimdLevel::avx2; }
-
-// Checks the fast kernel (every available SIMD level) against the oracle.
+// Checks every kernel path against the oracle.
 void check_case(const Case& c) {
   SCOPED_TRACE(c.str());
   const AttnSetup s(c);
   const std::vector<float> ref = s.run_ref();
   const double tol = s.tolerance();
-  std::vector<SimdLevel> levels = {SimdLevel::scalar};
-  if (have_avx2()) levels.push_back(detected_simd_level());
-  for (SimdLevel level : levels) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     const std::vector<float> out = s.run_fast(c.threads);
     size_t at = 0;
     const double err = max_abs_diff(out, ref, &at);
-    EXPECT_LE(err, tol) << "simd=" << simd_level_name(level) << " worst at flat index " << at << " (token "
+    EXPECT_LE(err, tol) << "kernel=" << path.name << " worst at flat index " << at << " (token "
                         << at / (size_t(s.n_heads) * c.hd) << ", head " << (at / c.hd) % s.n_heads << ", dim "
                         << at % c.hd << "): got " << out[at] << " want " << ref[at];
   }
@@ -388,8 +441,8 @@ TEST(Attention, MatchesReferenceWithLargeLogits) {
 
 // A single key that dominates by ~160 in score: the output is its value.
 TEST(Attention, SpikeKeyDominates) {
-  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     for (int64_t n : {64, 200, 1000}) {
       Case c;
       c.n_tokens = n;
@@ -419,8 +472,8 @@ TEST(Attention, SpikeKeyDominates) {
 
 // All-equal scores (zero query): the output is the plain mean of the visible values.
 TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
-  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     for (int64_t n : {1, 63, 65, 1000})
       for (int64_t nq : {int64_t(1), std::min<int64_t>(n, 9)}) {
         Case c;
@@ -457,8 +510,8 @@ TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
 // last query's output; earlier queries must be bit-identical.
 TEST(Attention, FutureKeysAreMasked) {
   int k = 0;
-  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     for (int64_t n : {9, 65, 129, 300})
       for (int hd : {16, 12}) {
         Case c;
@@ -502,8 +555,8 @@ TEST(Attention, FutureKeysAreMasked) {
 // A decode query that sits in the middle of the cache (every later key masked;
 // with split-K, whole key ranges see nothing), and one before every key.
 TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
-  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     for (int32_t qpos : {0, 5, 70, 130, 640, 999}) {
       Case c;
       c.n_tokens = 1000;
@@ -532,8 +585,8 @@ TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
 // a decode step (key range split into partial softmax states, then merged) to
 // within float rounding of the merge (a few ulp of max|v|).
 TEST(Attention, SplitMergeEqualsUnsplit) {
-  for (SimdLevel level : {SimdLevel::scalar, detected_simd_level()}) {
-    SimdScope scope(level);
+  for (const KernelPath& path : kernel_paths()) {
+    PathScope scope(path);
     for (int64_t n : {129, 1000})
       for (int threads : {1, 3}) {
         Case c;

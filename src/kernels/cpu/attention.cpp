@@ -62,6 +62,50 @@ void tile_step_scalar(const TileStep& t) {
 
 namespace {
 
+std::atomic<AttentionKernel> g_kernel{AttentionKernel::automatic};
+
+}  // namespace
+
+void set_attention_kernel(AttentionKernel kernel) { g_kernel.store(kernel); }
+
+AttentionKernel attention_kernel_for(int head_dim) {
+  if (attention_scalar()) return AttentionKernel::scalar;
+  const AttentionKernel pinned = g_kernel.load(std::memory_order_relaxed);
+  if (pinned == AttentionKernel::avx2) {
+    if (simd_level() < SimdLevel::avx2) fail("attention: the AVX2 kernel was asked for on a CPU without AVX2");
+    // What an AVX2 CPU runs: the portable kernel takes the head sizes AVX2's cannot.
+    return head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
+  }
+  if (pinned != AttentionKernel::automatic) return pinned;
+  switch (simd_level()) {
+    case SimdLevel::avx512: return AttentionKernel::portable;
+    case SimdLevel::avx2: return head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
+    default:
+      // Lowered to scalar on a SIMD CPU: the reference path, as for every kernel.
+      return detected_simd_level() == SimdLevel::scalar ? AttentionKernel::portable : AttentionKernel::scalar;
+  }
+}
+
+std::string attention_kernel_name(int head_dim) {
+  switch (attention_kernel_for(head_dim)) {
+    case AttentionKernel::avx2: return "avx2";
+    case AttentionKernel::portable: return std::string("portable/") + attn::portable_target_name();
+    default: return "scalar";
+  }
+}
+
+namespace {
+
+void (*tile_step_of(AttentionKernel kernel))(const attn::TileStep&) {
+  switch (kernel) {
+#if defined(__x86_64__)
+    case AttentionKernel::avx2: return attn::tile_step_avx2;
+#endif
+    case AttentionKernel::portable: return attn::tile_step_portable;
+    default: return attn::tile_step_scalar;
+  }
+}
+
 constexpr int kPackedValuesMaxRows = 6;  // two 3-row blocks of the tile step
 
 struct Scratch {
@@ -76,9 +120,9 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const int hd = kv.head_dim;
   if (a.n_heads % kv.n_kv_heads != 0) fail("attention: {} query heads not a multiple of {} KV heads", a.n_heads, kv.n_kv_heads);
   const int group = a.n_heads / kv.n_kv_heads;
-  const bool simd = simd_level() >= SimdLevel::avx2 && hd % 8 == 0 && !attention_scalar();
-  const auto tile_step = simd ? attn::tile_step_avx2 : attn::tile_step_scalar;
-  const bool packed_values = simd && attn::packed_values_supported(kv.v_codec->layout());
+  const AttentionKernel kernel = attention_kernel_for(hd);
+  const auto tile_step = tile_step_of(kernel);
+  const bool packed_values = kernel == AttentionKernel::avx2 && attn::packed_values_supported(kv.v_codec->layout());
 
   // Query blocks: a few tokens x every query head of the group share each decoded
   // tile. Long batches (prefill) take 4x larger blocks, so each tile of a

@@ -5,6 +5,7 @@
 // split key range are merged exactly (SoftmaxState::merge).
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "kvcache/kv_cache.h"
 
@@ -24,6 +25,25 @@ struct AttentionArgs {
 
 // Dispatched fast path (SIMD level from simd_level()), all threads of the pool.
 void attention(const AttentionArgs& args, ThreadPool& pool);
+
+// The tile-step kernels attention() can run (the online-softmax step over one
+// 64-key tile for a group of query rows; the keys and values are decoded by the
+// AVX2 tile decoders where the CPU has AVX2, by the codecs otherwise):
+//   scalar    plain C++, the reference the others are tested against;
+//   avx2      hand-written AVX2+FMA (x86-64, head_dim % 8 == 0), which also
+//             accumulates 2/3/4-bit per-token values straight from their codes;
+//   portable  written once with Google Highway, compiled for every target of
+//             the architecture and chosen at run time (AVX-512, SSE4, NEON, SVE).
+// `automatic` (the default) picks avx2 where AVX2 is the CPU's top level and
+// head_dim % 8 == 0, portable on AVX-512 CPUs, on CPUs without AVX2 and for
+// other head sizes, and scalar when set_attention_scalar(true) is on or the SIMD
+// level was lowered to scalar (set_simd_level; tests compare paths that way).
+// Pinning avx2 gives what an AVX2 CPU runs (portable for other head sizes).
+enum class AttentionKernel { automatic, scalar, avx2, portable };
+void set_attention_kernel(AttentionKernel kernel);  // process-wide; for tests and benchmarks
+AttentionKernel attention_kernel_for(int head_dim);  // what attention() runs now
+// "scalar", "avx2" or "portable/<Highway target>", e.g. "portable/AVX3".
+std::string attention_kernel_name(int head_dim);
 
 // The oracle: per query and head, a two-pass softmax in double over keys and
 // values decoded with the formats' reference codecs. Single thread, slow.

@@ -2,6 +2,7 @@
 // group of query rows, implemented once per SIMD level.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "formats/kv_format.h"
 
@@ -39,5 +40,16 @@ bool packed_values_supported(const KvCodecLayout& layout);
 void tile_step_scalar(const TileStep& t);
 // AVX2+FMA version (hd % 8 == 0); defined only on x86-64.
 void tile_step_avx2(const TileStep& t);
+// Portable SIMD version (Google Highway, any hd; t.v must be set): the best
+// target this CPU supports, chosen at run time (attention_hwy.cpp).
+void tile_step_portable(const TileStep& t);
+
+// The Highway targets compiled in that this CPU runs (best first), and a pin for
+// tests: pin_portable_target(t) makes tile_step_portable run target t,
+// pin_portable_target(0) restores the best. portable_target_name(): the target
+// dispatch picks now (e.g. "AVX3", "AVX2", "NEON").
+std::vector<int64_t> portable_targets();
+void pin_portable_target(int64_t target);
+const char* portable_target_name();
 
 }  // namespace kvq::attn

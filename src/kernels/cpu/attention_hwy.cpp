@@ -1,0 +1,226 @@
+// Portable SIMD tile step of the attention kernel (see attention_tile.h),
+// written once with Google Highway and compiled for every target Highway can
+// reach on this architecture (x86: AVX-512, AVX2, SSE4, SSSE3; Arm: NEON, SVE;
+// and its portable baseline), one of which is chosen at run time. It runs where
+// the hand-written AVX2 step does not: CPUs with AVX-512 (where it scores a
+// whole 64-key tile in 4 vectors per row), CPUs without AVX2, non-x86 CPUs, and
+// head sizes that are not a multiple of 8. Values come from a decoded tile
+// (TileStep::v); packed values are the AVX2 step's specialisation.
+//
+// This file is included once per target by Highway's foreach_target.h.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/cpu/attention_hwy.cpp"
+// Every attainable target, the portable baseline included, so the tests can
+// run each one on this machine against the oracle.
+#ifndef HWY_COMPILE_ALL_ATTAINABLE
+#define HWY_COMPILE_ALL_ATTAINABLE
+#endif
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels/cpu/attention_tile.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace kvq::attn::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// At most 16 lanes (512 bits): a 64-key tile is then a whole number of 4-vector
+// chunks on every target (scalable vectors included).
+using DF = hn::CappedTag<float, 16>;
+
+// s[r][j0 .. j0 + 4N) for R <= 3 rows: 12 accumulators, each key vector loaded
+// once per channel and reused by every row (the rows of a GQA group).
+template <int R>
+HWY_INLINE void scores_chunk(const float* HWY_RESTRICT q, int hd, const float* HWY_RESTRICT kt, int j0,
+                             float* HWY_RESTRICT s) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  auto a0 = hn::Zero(d), a1 = a0, a2 = a0, a3 = a0;
+  auto b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  auto c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+  for (int dd = 0; dd < hd; ++dd) {
+    const float* krow = kt + dd * kTile + j0;
+    const auto k0 = hn::LoadU(d, krow), k1 = hn::LoadU(d, krow + N);
+    const auto k2 = hn::LoadU(d, krow + 2 * N), k3 = hn::LoadU(d, krow + 3 * N);
+    const auto qa = hn::Set(d, q[dd]);
+    a0 = hn::MulAdd(qa, k0, a0), a1 = hn::MulAdd(qa, k1, a1);
+    a2 = hn::MulAdd(qa, k2, a2), a3 = hn::MulAdd(qa, k3, a3);
+    if constexpr (R > 1) {
+      const auto qb = hn::Set(d, q[hd + dd]);
+      b0 = hn::MulAdd(qb, k0, b0), b1 = hn::MulAdd(qb, k1, b1);
+      b2 = hn::MulAdd(qb, k2, b2), b3 = hn::MulAdd(qb, k3, b3);
+    }
+    if constexpr (R > 2) {
+      const auto qc = hn::Set(d, q[2 * hd + dd]);
+      c0 = hn::MulAdd(qc, k0, c0), c1 = hn::MulAdd(qc, k1, c1);
+      c2 = hn::MulAdd(qc, k2, c2), c3 = hn::MulAdd(qc, k3, c3);
+    }
+  }
+  float* sa = s + j0;
+  hn::StoreU(a0, d, sa), hn::StoreU(a1, d, sa + N), hn::StoreU(a2, d, sa + 2 * N), hn::StoreU(a3, d, sa + 3 * N);
+  if constexpr (R > 1) {
+    float* sb = sa + kTile;
+    hn::StoreU(b0, d, sb), hn::StoreU(b1, d, sb + N), hn::StoreU(b2, d, sb + 2 * N), hn::StoreU(b3, d, sb + 3 * N);
+  }
+  if constexpr (R > 2) {
+    float* sc = sa + 2 * kTile;
+    hn::StoreU(c0, d, sc), hn::StoreU(c1, d, sc + N), hn::StoreU(c2, d, sc + 2 * N), hn::StoreU(c3, d, sc + 3 * N);
+  }
+}
+
+// acc[r][col .. col + NV*N) += sum_j p[r][j] * v[j][col ..] for R <= 3 rows,
+// NV <= 4 vectors: the accumulators stay in registers over the tile's keys.
+template <int R, int NV>
+HWY_INLINE void accumulate_chunk(const float* HWY_RESTRICT p, int n, const float* HWY_RESTRICT v, int hd, int col,
+                                 float* HWY_RESTRICT acc) {
+  const DF d;
+  const size_t N = hn::Lanes(d);
+  float* ra = acc + col;
+  float* rb = acc + hd + col;
+  float* rc = acc + 2 * hd + col;
+  auto load = [&](const float* x, int k) { return NV > k ? hn::LoadU(d, x + k * N) : hn::Zero(d); };
+  auto store = [&](float* x, int k, decltype(hn::Zero(d)) y) {
+    if (NV > k) hn::StoreU(y, d, x + k * N);
+  };
+  auto a0 = load(ra, 0), a1 = load(ra, 1), a2 = load(ra, 2), a3 = load(ra, 3);
+  auto b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0 = a0, c1 = a1, c2 = a2, c3 = a3;
+  if constexpr (R > 1) b0 = load(rb, 0), b1 = load(rb, 1), b2 = load(rb, 2), b3 = load(rb, 3);
+  if constexpr (R > 2) c0 = load(rc, 0), c1 = load(rc, 1), c2 = load(rc, 2), c3 = load(rc, 3);
+  for (int j = 0; j < n; ++j) {
+    const float* vrow = v + int64_t(j) * hd + col;
+    const auto v0 = hn::LoadU(d, vrow);
+    const auto v1 = NV > 1 ? hn::LoadU(d, vrow + N) : v0;
+    const auto v2 = NV > 2 ? hn::LoadU(d, vrow + 2 * N) : v0;
+    const auto v3 = NV > 3 ? hn::LoadU(d, vrow + 3 * N) : v0;
+    const auto pa = hn::Set(d, p[j]);
+    a0 = hn::MulAdd(pa, v0, a0);
+    if constexpr (NV > 1) a1 = hn::MulAdd(pa, v1, a1);
+    if constexpr (NV > 2) a2 = hn::MulAdd(pa, v2, a2);
+    if constexpr (NV > 3) a3 = hn::MulAdd(pa, v3, a3);
+    if constexpr (R > 1) {
+      const auto pb = hn::Set(d, p[kTile + j]);
+      b0 = hn::MulAdd(pb, v0, b0);
+      if constexpr (NV > 1) b1 = hn::MulAdd(pb, v1, b1);
+      if constexpr (NV > 2) b2 = hn::MulAdd(pb, v2, b2);
+      if constexpr (NV > 3) b3 = hn::MulAdd(pb, v3, b3);
+    }
+    if constexpr (R > 2) {
+      const auto pc = hn::Set(d, p[2 * kTile + j]);
+      c0 = hn::MulAdd(pc, v0, c0);
+      if constexpr (NV > 1) c1 = hn::MulAdd(pc, v1, c1);
+      if constexpr (NV > 2) c2 = hn::MulAdd(pc, v2, c2);
+      if constexpr (NV > 3) c3 = hn::MulAdd(pc, v3, c3);
+    }
+  }
+  store(ra, 0, a0), store(ra, 1, a1), store(ra, 2, a2), store(ra, 3, a3);
+  if constexpr (R > 1) store(rb, 0, b0), store(rb, 1, b1), store(rb, 2, b2), store(rb, 3, b3);
+  if constexpr (R > 2) store(rc, 0, c0), store(rc, 1, c1), store(rc, 2, c2), store(rc, 3, c3);
+}
+
+// Columns of the head that do not fill a vector: plain loops.
+template <int R>
+HWY_INLINE void accumulate_tail(const float* p, int n, const float* v, int hd, int col, float* acc) {
+  for (int r = 0; r < R; ++r)
+    for (int c = col; c < hd; ++c) {
+      float sum = acc[r * hd + c];
+      for (int j = 0; j < n; ++j) sum += p[r * kTile + j] * v[int64_t(j) * hd + c];
+      acc[r * hd + c] = sum;
+    }
+}
+
+template <int R>
+HWY_INLINE void rows_block(const TileStep& t, int r0) {
+  const DF d;
+  const int N = int(hn::Lanes(d));
+  const float* q = t.q + int64_t(r0) * t.hd;
+  float* s = t.s + int64_t(r0) * kTile;
+  for (int j0 = 0; j0 < kTile; j0 += 4 * N) scores_chunk<R>(q, t.hd, t.kt, j0, s);
+
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // exp(x) underflows to 0 below this; masked keys (-inf) must give exactly 0.
+  const auto lo = hn::Set(d, -87.3f);
+  bool any = false;
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * kTile;
+    const int32_t rp = t.row_pos[r0 + r];
+    // Mask keys past the tile end or after the query's position (positions
+    // increase, so a full tile whose last key is visible needs no mask).
+    if (t.n < kTile || t.kpos[kTile - 1] > rp)
+      for (int j = 0; j < kTile; ++j)
+        if (j >= t.n || t.kpos[j] > rp) sr[j] = neg_inf;
+    auto mx = hn::Set(d, neg_inf);
+    for (int j = 0; j < kTile; j += N) mx = hn::Max(mx, hn::LoadU(d, sr + j));
+    const float tile_max = hn::GetLane(hn::MaxOfLanes(d, mx));
+    if (tile_max == neg_inf) {
+      // No visible key for this row: p = 0, state unchanged.
+      std::fill(sr, sr + kTile, 0.0f);
+      continue;
+    }
+    any = true;
+    const float m_new = std::max(t.m[r0 + r], tile_max);
+    const float corr = std::exp(t.m[r0 + r] - m_new);
+    const auto mv = hn::Set(d, m_new);
+    auto sum = hn::Zero(d);
+    for (int j = 0; j < kTile; j += N) {
+      const auto x = hn::Sub(hn::LoadU(d, sr + j), mv);
+      const auto p = hn::IfThenElseZero(hn::Gt(x, lo), hn::Exp(d, hn::Max(x, lo)));
+      hn::StoreU(p, d, sr + j);
+      sum = hn::Add(sum, p);
+    }
+    t.l[r0 + r] = t.l[r0 + r] * corr + hn::GetLane(hn::SumOfLanes(d, sum));
+    t.m[r0 + r] = m_new;
+    float* acc = t.acc + int64_t(r0 + r) * t.hd;
+    const auto cv = hn::Set(d, corr);
+    int c = 0;
+    for (; c + N <= t.hd; c += N) hn::StoreU(hn::Mul(cv, hn::LoadU(d, acc + c)), d, acc + c);
+    for (; c < t.hd; ++c) acc[c] *= corr;
+  }
+  if (!any) return;
+  float* acc = t.acc + int64_t(r0) * t.hd;
+  int c0 = 0;
+  for (; c0 + 4 * N <= t.hd; c0 += 4 * N) accumulate_chunk<R, 4>(s, t.n, t.v, t.hd, c0, acc);
+  switch ((t.hd - c0) / N) {
+    case 3: accumulate_chunk<R, 3>(s, t.n, t.v, t.hd, c0, acc); break;
+    case 2: accumulate_chunk<R, 2>(s, t.n, t.v, t.hd, c0, acc); break;
+    case 1: accumulate_chunk<R, 1>(s, t.n, t.v, t.hd, c0, acc); break;
+    default: break;
+  }
+  c0 += (t.hd - c0) / N * N;
+  if (c0 < t.hd) accumulate_tail<R>(s, t.n, t.v, t.hd, c0, acc);
+}
+
+void TileStepHwy(const TileStep& t) {
+  int r = 0;
+  for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
+  if (t.rows - r == 2) rows_block<2>(t, r);
+  else if (t.rows - r == 1) rows_block<1>(t, r);
+}
+
+}  // namespace kvq::attn::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace kvq::attn {
+
+HWY_EXPORT(TileStepHwy);
+
+void tile_step_portable(const TileStep& t) { HWY_DYNAMIC_DISPATCH(TileStepHwy)(t); }
+
+std::vector<int64_t> portable_targets() { return hwy::SupportedAndGeneratedTargets(); }
+
+void pin_portable_target(int64_t target) { hwy::SetSupportedTargetsForTest(target); }
+
+const char* portable_target_name() {
+  // The best target this CPU supports among those compiled in (what dispatch picks).
+  const int64_t t = hwy::SupportedTargets() & HWY_TARGETS;
+  return t ? hwy::TargetName(t & -t) : "none";
+}
+
+}  // namespace kvq::attn
+#endif  // HWY_ONCE
