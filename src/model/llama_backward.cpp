@@ -29,7 +29,7 @@ constexpr int64_t kHeadChunk = 256;  // output-head tokens at once (logits: 256 
 constexpr int64_t kWeightChunk = 32; // weight rows dequantized at once in linear_bwd
 constexpr int64_t kAttnBlock = 64;   // query rows per attention forward task
 
-bool use_avx2() { return simd_level() >= SimdLevel::avx2; }
+[[maybe_unused]] bool use_avx2() { return simd_level() >= SimdLevel::avx2; }
 
 template <class T>
 bool all_finite(const T* x, int64_t n) {
@@ -163,8 +163,10 @@ void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o,
     const int64_t i0 = (task % n_blocks) * kAttnBlock, i1 = std::min(s.n, i0 + kAttnBlock);
     std::vector<T> sc(static_cast<size_t>(bwd::kRowBlock) * size_t(s.n)), qs(size_t(bwd::kRowBlock) * size_t(hd));
     if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__)
       if (use_avx2())
         return bwd_avx2::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
+#endif
     }
     bwd::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
   });
@@ -194,9 +196,11 @@ void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const
     const size_t big = size_t(bwd::kRowBlock) * size_t(s.n), small = size_t(bwd::kRowBlock) * size_t(hd);
     std::vector<T> P(big), dP(big), qs(small), dos(small);
     if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__)
       if (use_avx2())
         return bwd_avx2::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(),
                                        dvl.data(), h, P.data(), dP.data(), qs.data(), dos.data());
+#endif
     }
     bwd::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(), dvl.data(), h,
                        P.data(), dP.data(), qs.data(), dos.data());
@@ -250,10 +254,12 @@ void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumul
         dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + uint64_t(r0 + r) * w.row_bytes,
                        chunk.data() + r * cols, cols);
       if constexpr (std::is_same_v<T, float>) {
+#if defined(__x86_64__)
         if (use_avx2()) {
           bwd_avx2::linear_bwd_block(chunk.data(), nr, cols, dy, rows, r0, dx, t0, t1);
           continue;
         }
+#endif
       }
       bwd::linear_bwd_block(chunk.data(), nr, cols, dy, rows, r0, dx, t0, t1);
     }
