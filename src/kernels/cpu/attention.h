@@ -35,13 +35,16 @@ void attention(const AttentionArgs& args, ThreadPool& pool);
 //   portable  written once with Google Highway, compiled for every target of
 //             the architecture and chosen at run time (AVX-512, SSE4, NEON, SVE).
 // `automatic` (the default) picks avx2 where AVX2 is the CPU's top level and
-// head_dim % 8 == 0, portable on AVX-512 CPUs, on CPUs without AVX2 and for
-// other head sizes, and scalar when set_attention_scalar(true) is on or the SIMD
-// level was lowered to scalar (set_simd_level; tests compare paths that way).
+// head_dim % 8 == 0, portable on AVX-512 CPUs (but avx2 where it would read the
+// values from their packed codes), on CPUs without AVX2 and for other head
+// sizes, and scalar when set_attention_scalar(true) is on or the SIMD level was
+// lowered to scalar (set_simd_level; tests compare paths that way).
 // Pinning avx2 gives what an AVX2 CPU runs (portable for other head sizes).
 enum class AttentionKernel { automatic, scalar, avx2, portable };
 void set_attention_kernel(AttentionKernel kernel);  // process-wide; for tests and benchmarks
-AttentionKernel attention_kernel_for(int head_dim);  // what attention() runs now
+// What attention() runs now for this head size; `packed_values`: the call's
+// values could be read from their packed codes (decode over per-token quant values).
+AttentionKernel attention_kernel_for(int head_dim, bool packed_values = false);
 // "scalar", "avx2" or "portable/<Highway target>", e.g. "portable/AVX3".
 std::string attention_kernel_name(int head_dim);
 
