@@ -80,7 +80,7 @@ AttentionKernel attention_kernel_for(int head_dim, bool packed_values) {
   switch (simd_level()) {
     case SimdLevel::avx512:
       // Values the AVX2 kernel accumulates straight from their codes keep it: on
-      // AVX2 that path measured ~20 % faster per tile than decoding the values
+      // AVX2 that path measured 15-35 % faster per tile than decoding the values
       // first (which the portable kernel needs), and AVX-512 widens only the
       // multiply-adds, not the lookups. (No AVX-512 CPU was at hand to measure.)
       return packed_values && head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
