@@ -1,6 +1,7 @@
 // The fast attention path (AVX2 tile decode stages, fused decode+RoPE keys,
-// values accumulated from packed codes, SIMD tile steps, split-K) against the
-// scalar reference path, through the model runtime with a tight bound.
+// values accumulated from packed codes, SIMD tile steps, split-K), and the
+// portable (Highway) tile step, against the scalar reference path, through the
+// model runtime with a tight bound.
 //
 // The model has one layer and F32 weights, so the keys and values the cache
 // encodes come from the embeddings alone and are the same on both paths (no
@@ -22,6 +23,7 @@
 #include "base/threads.h"
 #include "formats/kv_format.h"
 #include "gguf/gguf.h"
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/kv_decode.h"
 #include "kvcache/kv_cache.h"
 #include "model/llama.h"
@@ -113,23 +115,31 @@ TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
     }
     run.v_cal.codebook = run.k_cal.codebook;
     const std::vector<float> fast = run.logits(f, n_prompt);
+    // The portable (Highway) tile step at this CPU's best target, beside the AVX2 decoders.
+    set_attention_kernel(AttentionKernel::portable);
+    const std::vector<float> portable = run.logits(f, n_prompt);
+    set_attention_kernel(AttentionKernel::automatic);
     set_attention_scalar(true);
     const std::vector<float> ref = run.logits(f, n_prompt);
     set_attention_scalar(false);
-    ASSERT_EQ(fast.size(), ref.size()) << f.name;
-    ASSERT_EQ(fast.size(), run.tokens.size() * size_t(kVocab)) << f.name;
-    double max_diff = 0, max_abs = 0;
-    for (size_t i = 0; i < fast.size(); ++i) {
-      ASSERT_TRUE(std::isfinite(fast[i])) << f.name << " logit " << i;
-      max_diff = std::max(max_diff, std::fabs(double(fast[i]) - ref[i]));
-      max_abs = std::max(max_abs, std::fabs(double(ref[i])));
+    ASSERT_EQ(ref.size(), run.tokens.size() * size_t(kVocab)) << f.name;
+    for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>&>{"fast", fast}, {"portable", portable}}) {
+      ASSERT_EQ(got.size(), ref.size()) << f.name << " " << name;
+      double max_diff = 0, max_abs = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(got[i])) << f.name << " " << name << " logit " << i;
+        max_diff = std::max(max_diff, std::fabs(double(got[i]) - ref[i]));
+        max_abs = std::max(max_abs, std::fabs(double(ref[i])));
+      }
+      // Float reordering in attention (scores over <= 200 keys, split-K merges,
+      // fused RoPE / value accumulation) then two matmuls: observed <= 7e-7 of the
+      // largest logit (1e-5 absolute) in every format; a wrong code, scale,
+      // outlier, angle or merge moves logits by 1e-3 and more.
+      EXPECT_LT(max_diff, 5e-6 * max_abs) << f.name << ": max |" << name << " - scalar| " << max_diff
+                                          << ", max |logit| " << max_abs;
+      std::printf("%-14s max |%-8s - scalar| %.2e (max |logit| %.2e)\n", std::string(f.name).c_str(), name, max_diff,
+                  max_abs);
     }
-    // Float reordering in attention (scores over <= 200 keys, split-K merges,
-    // fused RoPE / value accumulation) then two matmuls: observed <= 7e-7 of the
-    // largest logit (1e-5 absolute) in every format; a wrong code, scale,
-    // outlier, angle or merge moves logits by 1e-3 and more.
-    EXPECT_LT(max_diff, 5e-6 * max_abs) << f.name << ": max |fast - scalar| " << max_diff << ", max |logit| " << max_abs;
-    std::printf("%-14s max |fast - scalar| %.2e (max |logit| %.2e)\n", std::string(f.name).c_str(), max_diff, max_abs);
     ++checked;
   }
   EXPECT_GE(checked, 20);
