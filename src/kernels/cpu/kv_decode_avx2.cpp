@@ -240,17 +240,14 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
       return;
     }
     const int i = neox ? (d >= half ? d - half : d) : d / 2;
-    const bool second = neox ? d >= half : (d & 1) != 0;
+    const int second = neox ? int(d >= half) : d & 1;
     const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
-    float* xa = dst + int64_t(channel_of(i, false)) * T + j;
-    float* xb = dst + int64_t(channel_of(i, true)) * T + j;
-    if (!second) {  // e on x: (x + e, y) -> x' += e c, y' += e s
-      *xa += e * c;
-      *xb += e * sn;
-    } else {  // e on y: x' -= e s, y' += e c
-      *xa -= e * sn;
-      *xb += e * c;
-    }
+    // e on x: (x + e, y) -> x' += e c, y' += e s; e on y: x' -= e s, y' += e c.
+    // Picked by index, not by a branch: which channel of its pair an outlier
+    // falls on is a coin toss, and the mispredictions cost more than the adds.
+    const float w[4] = {c, sn, -sn, c};
+    dst[int64_t(channel_of(i, false)) * T + j] += e * w[2 * second];
+    dst[int64_t(channel_of(i, true)) * T + j] += e * w[2 * second + 1];
   });
 }
 
