@@ -101,7 +101,9 @@ std::string attention_kernel_name(int head_dim) {
 
 namespace {
 
-void (*tile_step_of(AttentionKernel kernel))(const attn::TileStep&) {
+using TileStepFn = void (*)(const attn::TileStep&);
+
+TileStepFn tile_step_of(AttentionKernel kernel) {
   switch (kernel) {
 #if defined(__x86_64__)
     case AttentionKernel::avx2: return attn::tile_step_avx2;
