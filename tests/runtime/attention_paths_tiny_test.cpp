@@ -19,7 +19,6 @@
 #include <string>
 #include <vector>
 
-#include "base/cpu.h"
 #include "base/threads.h"
 #include "formats/kv_format.h"
 #include "gguf/gguf.h"
@@ -73,7 +72,6 @@ struct TinyRun {
 };
 
 TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU: only the scalar path exists";
   const gguf::File file = tiny_one_layer_model();
   const LlamaModel model(file);
   TinyRun run{model, {}, {}, {}};

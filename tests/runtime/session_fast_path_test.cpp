@@ -28,7 +28,6 @@
 #include <string>
 #include <vector>
 
-#include "base/cpu.h"
 #include "kernels/cpu/kv_decode.h"
 #include "kvq/kvq.h"
 #include "test_util.h"
@@ -69,7 +68,6 @@ std::vector<double> next_token_logprobs(const std::shared_ptr<const Model>& mode
 }
 
 TEST(SessionFastPath, LogProbsEqualScalarPathWithinReordering) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU: only the scalar path exists";
   const std::string path = test::default_model_path();
   ASSERT_FALSE(path.empty()) << "the default model is missing: run scripts/fetch-model.sh (or set KVQ_MODEL)";
   const std::string wiki = test::data_dir() + "/wikitext-2/wiki.test.txt";
