@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <random>
@@ -34,8 +35,12 @@ namespace {
 constexpr int kModelLayers = 30, kKvHeads = 3, kGroup = 3, kHd = 64;
 constexpr uint64_t kMaxCacheBytes = 768ull << 20;
 
+// All threads, or KVQ_BENCH_THREADS of them (e.g. 1: one thread over every layer).
 ThreadPool& pool() {
-  static ThreadPool p(default_thread_count());
+  static ThreadPool p([] {
+    const char* env = std::getenv("KVQ_BENCH_THREADS");
+    return env && std::atoi(env) > 0 ? std::atoi(env) : default_thread_count();
+  }());
   return p;
 }
 

@@ -34,6 +34,7 @@ struct Result {
   std::string test;  // "pp" or "tg"
   int64_t n = 0, depth = 0, n_ctx = 0;
   std::string type_k, type_v;
+  std::string attention_kernel;  // the tile kernel this test ran (decode may differ by value format)
   std::vector<double> samples_ts;
   MeanStd ts;
   double bytes_per_token = 0, gb_per_s = 0;  // tg only
@@ -114,6 +115,7 @@ int bench(const BenchOptions& o) {
         for (int64_t p : o.n_prompt) {
           if (p == 0) continue;
           Result r = make_result("pp", p, depth, session.n_ctx(), tk, tv);
+          r.attention_kernel = attention_kernel_name(m.head_dim);
           for (int rep = 0; rep < o.reps; ++rep) {
             fill();
             const auto batch = random_tokens(rng, m.n_vocab, p);
@@ -129,6 +131,7 @@ int bench(const BenchOptions& o) {
         for (int64_t n : o.n_gen) {
           if (n == 0) continue;
           Result r = make_result("tg", n, depth, session.n_ctx(), tk, tv);
+          r.attention_kernel = attention_kernel_name(m.head_dim, &kv_format(sp.cache_type_v));
           for (int rep = 0; rep < o.reps; ++rep) {
             std::span<const float> logits = fill();
             int32_t token = logits.empty() ? random_tokens(rng, m.n_vocab, 1)[0] : argmax(logits);
@@ -168,7 +171,8 @@ int bench(const BenchOptions& o) {
                           {"type_v", r.type_v},   {"reps", r.samples_ts.size()},
                           {"samples_ts", r.samples_ts},
                           {"avg_ts", r.ts.mean},  {"stddev_ts", r.ts.stddev},
-                          {"kv_bytes", r.kv_bytes}};
+                          {"kv_bytes", r.kv_bytes},
+                          {"attention_kernel", r.attention_kernel}};
       if (r.test == "tg") {
         j["bytes_per_token"] = r.bytes_per_token;
         j["gb_per_s"] = r.gb_per_s;
@@ -181,7 +185,6 @@ int bench(const BenchOptions& o) {
                           {"n_params", m.n_params},
                           {"weight_bytes", m.weight_bytes},
                           {"threads", threads_used},
-                          {"attention_kernel", attention_kernel_name(m.head_dim)},
                           {"n_batch", o.n_batch},
                           {"seed", o.seed},
                           {"depth_fill", o.depth_fill},

@@ -20,9 +20,12 @@ static_assert(attn::kTile == kKvPageTokens, "attention tiles are cache pages");
 
 namespace attn {
 
+bool packed_values_supported(KvScheme scheme, int bits, int head_dim) {
+  return scheme == KvScheme::quant && bits >= 2 && bits <= 4 && head_dim % 32 == 0;
+}
+
 bool packed_values_supported(const KvCodecLayout& L) {
-  return L.scheme == KvScheme::quant && L.role == KvRole::value && L.levels && L.bits >= 2 && L.bits <= 4 &&
-         L.head_dim % 32 == 0;
+  return L.role == KvRole::value && L.levels && packed_values_supported(L.scheme, L.bits, L.head_dim);
 }
 
 void tile_step_scalar(const TileStep& t) {
@@ -71,10 +74,11 @@ void set_attention_kernel(AttentionKernel kernel) { g_kernel.store(kernel); }
 AttentionKernel attention_kernel_for(int head_dim, bool packed_values) {
   if (attention_scalar()) return AttentionKernel::scalar;
   const AttentionKernel pinned = g_kernel.load(std::memory_order_relaxed);
+  // What an AVX2 CPU runs: the portable kernel takes the head sizes AVX2's cannot.
+  const AttentionKernel avx2_or_portable = head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
   if (pinned == AttentionKernel::avx2) {
     if (simd_level() < SimdLevel::avx2) fail("attention: the AVX2 kernel was asked for on a CPU without AVX2");
-    // What an AVX2 CPU runs: the portable kernel takes the head sizes AVX2's cannot.
-    return head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
+    return avx2_or_portable;
   }
   if (pinned != AttentionKernel::automatic) return pinned;
   switch (simd_level()) {
@@ -83,16 +87,17 @@ AttentionKernel attention_kernel_for(int head_dim, bool packed_values) {
       // AVX2 that path measured 15-35 % faster per tile than decoding the values
       // first (which the portable kernel needs), and AVX-512 widens only the
       // multiply-adds, not the lookups. (No AVX-512 CPU was at hand to measure.)
-      return packed_values && head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
-    case SimdLevel::avx2: return head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
+      return packed_values ? avx2_or_portable : AttentionKernel::portable;
+    case SimdLevel::avx2: return avx2_or_portable;
     default:
       // Lowered to scalar on a SIMD CPU: the reference path, as for every kernel.
       return detected_simd_level() == SimdLevel::scalar ? AttentionKernel::portable : AttentionKernel::scalar;
   }
 }
 
-std::string attention_kernel_name(int head_dim) {
-  switch (attention_kernel_for(head_dim)) {
+std::string attention_kernel_name(int head_dim, const KvFormat* decode_values) {
+  const bool packed = decode_values && attn::packed_values_supported(decode_values->scheme, decode_values->bits, head_dim);
+  switch (attention_kernel_for(head_dim, packed)) {
     case AttentionKernel::avx2: return "avx2";
     case AttentionKernel::portable: return std::string("portable/") + attn::portable_target_name();
     default: return "scalar";

@@ -45,8 +45,9 @@ void set_attention_kernel(AttentionKernel kernel);  // process-wide; for tests a
 // What attention() runs now for this head size; `packed_values`: the call's
 // values could be read from their packed codes (decode over per-token quant values).
 AttentionKernel attention_kernel_for(int head_dim, bool packed_values = false);
-// "scalar", "avx2" or "portable/<Highway target>", e.g. "portable/AVX3".
-std::string attention_kernel_name(int head_dim);
+// "scalar", "avx2" or "portable/<Highway target>", e.g. "portable/AVX3": the
+// kernel for prefill, or (decode_values: the cache's value format) for decode.
+std::string attention_kernel_name(int head_dim, const KvFormat* decode_values = nullptr);
 
 // The oracle: per query and head, a two-pass softmax in double over keys and
 // values decoded with the formats' reference codecs. Single thread, slow.

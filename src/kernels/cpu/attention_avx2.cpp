@@ -286,12 +286,7 @@ void rows_block(const TileStep& t, int r0) {
   bool any = false;
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * kTile;
-    const int32_t rp = t.row_pos[r0 + r];
-    // Mask keys past the tile end or after the query's position (positions
-    // increase, so a full tile whose last key is visible needs no mask).
-    if (t.n < kTile || t.kpos[kTile - 1] > rp)
-      for (int j = 0; j < kTile; ++j)
-        if (j >= t.n || t.kpos[j] > rp) sr[j] = neg_inf;
+    mask_row(t, r0 + r, sr);
     __m256 mx = _mm256_set1_ps(neg_inf);
     for (int j = 0; j < kTile; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sr + j));
     const float tile_max = hmax(mx);

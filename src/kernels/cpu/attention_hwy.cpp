@@ -148,12 +148,7 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
   bool any = false;
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * kTile;
-    const int32_t rp = t.row_pos[r0 + r];
-    // Mask keys past the tile end or after the query's position (positions
-    // increase, so a full tile whose last key is visible needs no mask).
-    if (t.n < kTile || t.kpos[kTile - 1] > rp)
-      for (int j = 0; j < kTile; ++j)
-        if (j >= t.n || t.kpos[j] > rp) sr[j] = neg_inf;
+    mask_row(t, r0 + r, sr);
     auto mx = hn::Set(d, neg_inf);
     for (int j = 0; j < kTile; j += N) mx = hn::Max(mx, hn::LoadU(d, sr + j));
     const float tile_max = hn::GetLane(hn::MaxOfLanes(d, mx));

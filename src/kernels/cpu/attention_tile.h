@@ -2,6 +2,7 @@
 // group of query rows, implemented once per SIMD level.
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "formats/kv_format.h"
@@ -36,6 +37,20 @@ struct TileStep {
 // e; no float tile of values is written. Equal to decoding first up to
 // floating-point reordering.
 bool packed_values_supported(const KvCodecLayout& layout);
+// The same rule from the format alone (what a cache of that value format will do).
+bool packed_values_supported(KvScheme scheme, int bits, int head_dim);
+
+namespace {  // internal linkage: the includers are compiled for different ISAs
+// Sets s_row[j] = -inf for the keys row `r` of the step must not see: slots past
+// the tile's end and keys after the row's position. Positions increase, so a
+// full tile whose last key is visible needs no mask.
+inline void mask_row(const TileStep& t, int r, float* s_row) {
+  const int32_t rp = t.row_pos[r];
+  if (t.n == kTile && t.kpos[kTile - 1] <= rp) return;
+  for (int j = 0; j < kTile; ++j)
+    if (j >= t.n || t.kpos[j] > rp) s_row[j] = -std::numeric_limits<float>::infinity();
+}
+}  // namespace
 
 void tile_step_scalar(const TileStep& t);
 // AVX2+FMA version (hd % 8 == 0); defined only on x86-64.
