@@ -26,6 +26,7 @@
 #include "base/threads.h"
 #include "formats/kv_format.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/attention_tile.h"
 #include "kernels/cpu/kv_decode.h"
 #include "kvcache/kv_cache.h"
 
@@ -149,29 +150,38 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 // The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
 // packed, mostly cache-resident) attended by one query token on one thread,
 // repeated; "ns/tile" per (page, KV head) tile of keys and values. The
-// /portable and /scalar variants pin that tile kernel (the label names the one run).
-void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel) {
+// /portable and /scalar variants pin that tile kernel (the label names the one
+// run); /portable+ also the portable tile decoders (what a CPU without AVX2
+// runs: Arm, older x86), /portable-codecs the codecs' decode beside it (what
+// such CPUs ran before the portable decoders).
+void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders) {
   static ThreadPool one(1);
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   DecodeQuery query(ctx);
   const KvLayerView view = fl.cache->view(0);
   set_attention_kernel(kernel);
-  state.SetLabel(attention_kernel_name(kHd));
+  set_tile_decoders(decoders);
+  const char* dec[] = {"", "+codecs", "+avx2 decoders", "+portable decoders"};
+  state.SetLabel(attention_kernel_name(kHd) + dec[int(decoders)]);
   for (auto _ : state) query.attend(view, one);
   set_attention_kernel(AttentionKernel::automatic);
+  set_tile_decoders(TileDecoders::automatic);
   const double tiles = double(ctx / kKvPageTokens) * kKvHeads;
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
 // The tile decode stages alone: every page of one layer, every head, keys
-// (with RoPE for pre-RoPE formats) and values, one thread. Arg 1: SIMD on/off.
+// (with RoPE for pre-RoPE formats) and values, one thread. Arg: 0 the codecs
+// (scalar), 1 this CPU's decoders, 2 the portable (Highway) decoders.
 void BM_TileDecode(benchmark::State& state, std::string name) {
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   const KvLayerView view = fl.cache->view(0);
   if (state.range(0) == 0) set_simd_level(SimdLevel::scalar);
+  if (state.range(0) == 2) set_tile_decoders(TileDecoders::portable);
+  if (state.range(0) == 2) state.SetLabel(std::string("portable/") + attn::portable_target_name());
   std::vector<float> kt(size_t(kHd) * kKvPageTokens), vt(kt.size());
   const int64_t pages = (ctx + kKvPageTokens - 1) / kKvPageTokens;
   for (auto _ : state) {
@@ -183,6 +193,7 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
       }
   }
   set_simd_level(detected_simd_level());
+  set_tile_decoders(TileDecoders::automatic);
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kKvHeads,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert) ;
   state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * state.iterations() / 1e9, benchmark::Counter::kIsRate);
@@ -239,13 +250,21 @@ int register_all() {
   for (const char* f : kFormats) {
     benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
-    for (auto [suffix, kernel] : {std::pair{"", AttentionKernel::automatic}, std::pair{"/portable", AttentionKernel::portable},
-                                  std::pair{"/scalar", AttentionKernel::scalar}})
-      benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f + suffix).c_str(), BM_DecodeAttention1T,
-                                   std::string(f), kernel)
+    struct Variant {
+      const char* suffix;
+      AttentionKernel kernel;
+      TileDecoders decoders;
+    };
+    for (const Variant& v : {Variant{"", AttentionKernel::automatic, TileDecoders::automatic},
+                             Variant{"/portable", AttentionKernel::portable, TileDecoders::automatic},
+                             Variant{"/portable+", AttentionKernel::portable, TileDecoders::portable},
+                             Variant{"/portable-codecs", AttentionKernel::portable, TileDecoders::codec},
+                             Variant{"/scalar", AttentionKernel::scalar, TileDecoders::automatic}})
+      benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f + v.suffix).c_str(), BM_DecodeAttention1T,
+                                   std::string(f), v.kernel, v.decoders)
           ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
-        ->Arg(1)->Arg(0)->Unit(benchmark::kMicrosecond);
+        ->Arg(1)->Arg(0)->Arg(2)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))
         ->Unit(benchmark::kMicrosecond);
   }

@@ -178,17 +178,18 @@ class QuantCodec final : public KvCodec {
       std::memcpy(&u, &x, 4);
       for (int b = 0; b < 4; ++b) planes[b * 16 + l] = uint8_t(u >> (8 * b));
     };
-    if (bits_ == 4 && !levels_.empty()) {
+    // Codes of up to 4 bits index 16-entry tables (entries past 2^bits stay 0).
+    if (bits_ <= 4 && !levels_.empty()) {
       level_planes_.resize(64);
-      for (int l = 0; l < 16; ++l) put_planes(level_planes_.data(), l, levels_[size_t(l)]);
+      for (int l = 0; l < nlev_; ++l) put_planes(level_planes_.data(), l, levels_[size_t(l)]);
     }
-    if (per_channel_ && bits_ == 4 && ready_) {
-      // Each channel's 16 decoded levels zp_c + r_c * L[l] (exactly dequant()'s
+    if (per_channel_ && bits_ <= 4 && ready_) {
+      // Each channel's decoded levels zp_c + r_c * L[l] (exactly dequant()'s
       // arithmetic), stored as byte planes: byte b of level l at [c][b][l], the
       // tables of 16-entry byte-shuffle lookups.
       channel_planes_.resize(size_t(row) * 64);
       for (int c = 0; c < row; ++c)
-        for (int l = 0; l < 16; ++l)
+        for (int l = 0; l < nlev_; ++l)
           put_planes(channel_planes_.data() + size_t(c) * 64, l, dequant(zp_[size_t(c)], r_[size_t(c)], uint32_t(l)));
     }
     layout_.scheme = KvScheme::quant;
@@ -215,7 +216,9 @@ class QuantCodec final : public KvCodec {
   }
 
   uint64_t fixed_bytes() const override {
-    return (per_channel_ ? uint64_t(g_.row()) * 2 * 4 : 0) + (codebook_ ? uint64_t(nlev_) * 4 : 0);
+    // Bounds and codebook, plus the lookup planes built from them (see the constructor).
+    const uint64_t planes = bits_ <= 4 ? 64 * (1 + (per_channel_ ? uint64_t(g_.row()) : 0)) : 0;
+    return (per_channel_ ? uint64_t(g_.row()) * 2 * 4 : 0) + (codebook_ ? uint64_t(nlev_) * 4 : 0) + planes;
   }
 
   void encode(const float* row, int slot, uint8_t* page) const override {
@@ -463,8 +466,8 @@ class QuantCodec final : public KvCodec {
   std::vector<float> levels_;  // the level table L (2^b sorted entries)
   std::vector<double> mids_;   // thresholds between neighbouring levels
   std::vector<float> zp_, r_;  // per-channel keys: zero-point and range per row channel
-  std::vector<uint8_t> channel_planes_;  // 4-bit per-channel keys: see KvCodecLayout::channel_planes
-  std::vector<uint8_t> level_planes_;    // 4-bit codes: KvCodecLayout::level_planes
+  std::vector<uint8_t> channel_planes_;  // per-channel keys, <= 4 bits: KvCodecLayout::channel_planes
+  std::vector<uint8_t> level_planes_;    // codes of <= 4 bits: KvCodecLayout::level_planes
 };
 
 }  // namespace

@@ -105,12 +105,13 @@ struct KvCodecLayout {
   bool per_channel = false;        // keys with calibrated per-channel zp/range
   const float* zp = nullptr;       // per row channel (per_channel only)
   const float* range = nullptr;
-  // 4-bit per-channel keys: each row channel's 16 decoded levels zp_c + r_c * L[l]
-  // as 4 byte planes of 16 (byte b of level l at [c * 64 + b * 16 + l]), the
-  // tables of byte-shuffle lookups; null otherwise.
+  // Per-channel keys of up to 4 bits: each row channel's 2^bits decoded levels
+  // zp_c + r_c * L[l] as 4 byte planes of 16 (byte b of level l at
+  // [c * 64 + b * 16 + l]; entries past 2^bits are 0), the tables of
+  // byte-shuffle lookups; null otherwise.
   const uint8_t* channel_planes = nullptr;
-  // 4-bit codes: the level table L itself as the same 4 byte planes (64 bytes);
-  // set whenever `levels` is.
+  // Codes of up to 4 bits: the level table L itself as the same 4 byte planes
+  // (64 bytes); set whenever `levels` is and bits <= 4.
   const uint8_t* level_planes = nullptr;
   int64_t run_bytes = 0;           // keys: one channel's 64 codes; values: one head vector
   int64_t codes_bytes = 0;         // scales (fp16 zp, fp16 range per slot) start here

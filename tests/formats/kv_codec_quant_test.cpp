@@ -306,8 +306,11 @@ TEST(KvCodecQuant, PageLayoutSizes) {
         EXPECT_EQ(p.scales, per_channel ? 0u : 64u * 4);
         const uint64_t k = f->outlier_fraction > 0 ? uint64_t(std::ceil(f->outlier_fraction / 2 * double(row) - 1e-9)) : 0;
         EXPECT_EQ(p.outliers, 64 * 2 * k * (2 + (row <= 256 ? 1 : 2)));
+        // Bounds, codebook, and for codes of <= 4 bits the decoders' lookup planes
+        // (64 bytes for L, 64 per channel for per-channel keys).
+        const uint64_t planes = b <= 4 ? 64 * (1 + (per_channel ? row : 0)) : 0;
         EXPECT_EQ(codec->fixed_bytes(),
-                  (per_channel ? row * 8 : 0) + (f->levels == KvLevels::codebook ? (uint64_t(1) << b) * 4 : 0));
+                  (per_channel ? row * 8 : 0) + (f->levels == KvLevels::codebook ? (uint64_t(1) << b) * 4 : 0) + planes);
       }
 }
 

@@ -57,7 +57,7 @@ std::vector<KernelPath> kernel_paths() {
   if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", detected_simd_level(), AttentionKernel::avx2});
   for (int64_t t : attn::portable_targets()) {
     // Targets of AVX2 width and up run beside the AVX2 tile decoders (as on an
-    // AVX-512 CPU), narrower ones beside the codecs (as on a CPU without AVX2).
+    // AVX-512 CPU), narrower ones beside the portable decoders (as on a CPU without AVX2).
     const std::string name = hwy::TargetName(t);
     const bool wide = name.rfind("AVX", 0) == 0;
     paths.push_back({"portable/" + name, wide ? detected_simd_level() : SimdLevel::scalar, AttentionKernel::portable, t});

@@ -1,5 +1,6 @@
-// Fast tile decode stages (src/kernels/cpu/kv_decode*.cpp) against the scalar
-// codec decode, the oracle: every format of the table, head sizes with and
+// Fast tile decode stages (src/kernels/cpu/kv_decode*.cpp: the AVX2 decoders,
+// and the portable ones at each Highway target this CPU runs) against the
+// scalar codec decode, the oracle: every format of the table, head sizes with and
 // without a SIMD path, several KV heads (so head offsets and 16-bit outlier
 // indices are exercised), and awkward page fills n = 1, 31, 33, 63, 64. The
 // fast stages are required to give the very same floats (bit for bit, see
@@ -7,6 +8,7 @@
 // tile against the page-transposed angle table, and the cache's decode_keys /
 // decode_values (decode + sink/window patch + rotation) on both paths.
 #include <gtest/gtest.h>
+#include <hwy/targets.h>
 
 #include <algorithm>
 #include <cmath>
@@ -17,6 +19,8 @@
 #include <vector>
 
 #include "base/cpu.h"
+#include "base/fp16.h"
+#include "kernels/cpu/attention_tile.h"
 #include "formats/kv_format.h"
 #include "kernels/cpu/kv_decode.h"
 #include "kvcache/kv_cache.h"
@@ -24,10 +28,52 @@
 namespace kvq {
 namespace {
 
-struct SimdScope {
-  explicit SimdScope(SimdLevel l) { set_simd_level(l); }
-  ~SimdScope() { set_simd_level(detected_simd_level()); }
+// One set of fast decoders: the AVX2 ones, or the portable ones at one Highway target.
+struct DecoderPath {
+  std::string name;
+  TileDecoders decoders;
+  int64_t target = 0;
+  bool baseline = false;  // Highway's one-lane target: declines, the codecs decode
 };
+
+std::vector<DecoderPath> decoder_paths() {
+  std::vector<DecoderPath> paths;
+  if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", TileDecoders::avx2});
+  for (int64_t t : attn::portable_targets()) {
+    const std::string name = hwy::TargetName(t);
+    paths.push_back({"portable/" + name, TileDecoders::portable, t, name == "SCALAR" || name == "EMU128"});
+  }
+  return paths;
+}
+
+struct DecoderScope {
+  explicit DecoderScope(const DecoderPath& p) {
+    set_tile_decoders(p.decoders);
+    attn::pin_portable_target(p.target);
+    EXPECT_EQ(tile_decoders(64), p.decoders) << p.name;
+  }
+  ~DecoderScope() {
+    set_tile_decoders(TileDecoders::automatic);
+    attn::pin_portable_target(0);
+  }
+};
+
+// The codecs' decode and the scalar rotation: the reference.
+struct ReferenceScope {
+  ReferenceScope() { set_attention_scalar(true); }
+  ~ReferenceScope() { set_attention_scalar(false); }
+};
+
+// Layouts each portable decoder must take itself (not hand to the codec).
+bool portable_decodes(const KvFormat& f, int hd) {
+  switch (f.scheme) {
+    case KvScheme::quant: return f.bits <= 4;
+    case KvScheme::q8_0:
+    case KvScheme::q4_0: return hd % 32 == 0;
+    case KvScheme::f16: return true;
+    default: return false;
+  }
+}
 
 // Random calibration the way a calibrate step would shape it.
 KvTensorCalibration make_cal(const KvFormat& f, int row, std::mt19937& rng) {
@@ -51,37 +97,45 @@ KvTensorCalibration make_cal(const KvFormat& f, int row, std::mt19937& rng) {
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
 
 TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU: the fast path is the codec";
-  std::mt19937 rng(7);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (const KvFormat& f : kv_format_table()) {
-    for (int hd : {64, 32, 80, 128, 20}) {
-      const KvGeometry g{3, hd};
-      for (KvRole role : {KvRole::key, KvRole::value}) {
-        const KvTensorCalibration cal = make_cal(f, g.row(), rng);
-        const auto codec = make_kv_codec(f, role, g, &cal);
-        for (int n : {1, 31, 33, 63, 64}) {
-          // Exactly one page part, so an overrun is an ASan error.
-          std::vector<uint8_t> page(codec->page_bytes(), 0);
-          std::vector<float> row(size_t(g.row()));
-          for (int j = 0; j < n; ++j) {
-            for (auto& x : row) x = nd(rng) * 1.5f;
-            row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);  // an outlier now and then
-            codec->encode(row.data(), j, page.data());
-          }
-          for (int head = 0; head < g.n_kv_heads; ++head) {
-            std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
-            codec->decode(page.data(), head, n, want.data());
-            kv_decode_tile(*codec, page.data(), head, n, got.data());
-            int bad = 0;
-            for (int j = 0; j < n; ++j)
-              for (int d = 0; d < hd; ++d) {
-                const size_t i = role == KvRole::key ? size_t(d) * kKvPageTokens + j : size_t(j) * hd + d;
-                if (!same_bits(want[i], got[i]) && bad++ < 3)
-                  ADD_FAILURE() << f.name << (role == KvRole::key ? " keys" : " values") << " hd=" << hd << " n=" << n
-                                << " head=" << head << " slot " << j << " dim " << d << ": " << got[i]
-                                << " != " << want[i];
+  for (const DecoderPath& path : decoder_paths()) {
+    SCOPED_TRACE(path.name);
+    const DecoderScope scope(path);
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (const KvFormat& f : kv_format_table()) {
+      for (int hd : {64, 32, 80, 128, 20}) {
+        const KvGeometry g{3, hd};
+        for (KvRole role : {KvRole::key, KvRole::value}) {
+          const KvTensorCalibration cal = make_cal(f, g.row(), rng);
+          const auto codec = make_kv_codec(f, role, g, &cal);
+          for (int n : {1, 31, 33, 63, 64}) {
+            // Exactly one page part, so an overrun is an ASan error.
+            std::vector<uint8_t> page(codec->page_bytes(), 0);
+            std::vector<float> row(size_t(g.row()));
+            for (int j = 0; j < n; ++j) {
+              for (auto& x : row) x = nd(rng) * 1.5f;
+              row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);  // an outlier now and then
+              codec->encode(row.data(), j, page.data());
+            }
+            for (int head = 0; head < g.n_kv_heads; ++head) {
+              std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
+              codec->decode(page.data(), head, n, want.data());
+              kv_decode_tile(*codec, page.data(), head, n, got.data());
+              if (path.decoders == TileDecoders::portable && !path.baseline && portable_decodes(f, hd)) {
+                std::vector<float> own(want.size(), 0.0f);
+                ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, n, own.data()))
+                    << f.name << " hd=" << hd << ": the portable decoder left it to the codec";
               }
+              int bad = 0;
+              for (int j = 0; j < n; ++j)
+                for (int d = 0; d < hd; ++d) {
+                  const size_t i = role == KvRole::key ? size_t(d) * kKvPageTokens + j : size_t(j) * hd + d;
+                  if (!same_bits(want[i], got[i]) && bad++ < 3)
+                    ADD_FAILURE() << f.name << (role == KvRole::key ? " keys" : " values") << " hd=" << hd << " n=" << n
+                                  << " head=" << head << " slot " << j << " dim " << d << ": " << got[i]
+                                  << " != " << want[i];
+                }
+            }
           }
         }
       }
@@ -89,30 +143,63 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
   }
 }
 
+// Every half the portable f16 decoder can meet (subnormals, infinities, NaNs):
+// the same floats as the scalar conversion (NaN as NaN).
+TEST(KvDecode, PortableHalfConversionIsExact) {
+  const KvGeometry g{3, 64};
+  const auto codec = make_kv_codec(kv_format("f16"), KvRole::value, g, nullptr);
+  const int per_head = g.head_dim * kKvPageTokens;
+  std::vector<uint8_t> page(codec->page_bytes());
+  std::vector<float> tile(static_cast<size_t>(per_head));
+  for (const DecoderPath& path : decoder_paths()) {
+    if (path.decoders != TileDecoders::portable || path.baseline) continue;
+    SCOPED_TRACE(path.name);
+    const DecoderScope scope(path);
+    for (uint32_t h0 = 0; h0 < 65536; h0 += uint32_t(per_head) * 3) {
+      for (int i = 0; i < 3 * per_head; ++i) {
+        const uint16_t h = uint16_t(h0 + uint32_t(i));
+        std::memcpy(page.data() + 2 * i, &h, 2);
+      }
+      for (int head = 0; head < 3; ++head) {
+        ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, kKvPageTokens, tile.data()));
+        for (int i = 0; i < per_head; ++i) {
+          const uint16_t h = uint16_t(h0 + uint32_t(head * per_head + i));
+          const float want = fp16_to_f32(h);
+          ASSERT_TRUE(same_bits(want, tile[size_t(i)]) || (std::isnan(want) && std::isnan(tile[size_t(i)])))
+              << "half 0x" << std::hex << h << ": " << tile[size_t(i)] << " != " << want;
+        }
+      }
+    }
+  }
+}
+
 TEST(KvDecode, RotationMatchesScalarBitForBit) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU";
-  std::mt19937 rng(3);
-  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
-  for (int hd : {64, 32, 80, 128}) {
-    for (int n_rot : {hd, hd / 2}) {
-      const int half = n_rot / 2;
-      for (bool neox : {false, true}) {
-        for (int n : {1, 31, 33, 63, 64}) {
-          std::vector<float> cs(size_t(2 * half) * kKvPageTokens), kt(size_t(hd) * kKvPageTokens);
-          for (auto& x : cs) x = u(rng);
-          for (auto& x : kt) x = u(rng);
-          std::vector<float> want = kt, got = kt;
-          {
-            SimdScope scalar(SimdLevel::scalar);
-            kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
-          }
-          kv_rotate_key_tile(got.data(), n, cs.data(), half, neox);
-          for (int d = 0; d < hd; ++d)
-            for (int j = 0; j < n; ++j) {
-              const size_t i = size_t(d) * kKvPageTokens + j;
-              ASSERT_TRUE(same_bits(want[i], got[i])) << "hd=" << hd << " n_rot=" << n_rot << " neox=" << neox
-                                                       << " n=" << n << " d=" << d << " j=" << j;
+  for (const DecoderPath& path : decoder_paths()) {
+    SCOPED_TRACE(path.name);
+    const DecoderScope scope(path);
+    std::mt19937 rng(3);
+    std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+    for (int hd : {64, 32, 80, 128}) {
+      for (int n_rot : {hd, hd / 2}) {
+        const int half = n_rot / 2;
+        for (bool neox : {false, true}) {
+          for (int n : {1, 31, 33, 63, 64}) {
+            std::vector<float> cs(size_t(2 * half) * kKvPageTokens), kt(size_t(hd) * kKvPageTokens);
+            for (auto& x : cs) x = u(rng);
+            for (auto& x : kt) x = u(rng);
+            std::vector<float> want = kt, got = kt;
+            {
+              const ReferenceScope reference;
+              kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
             }
+            kv_rotate_key_tile(got.data(), n, cs.data(), half, neox);
+            for (int d = 0; d < hd; ++d)
+              for (int j = 0; j < n; ++j) {
+                const size_t i = size_t(d) * kKvPageTokens + j;
+                ASSERT_TRUE(same_bits(want[i], got[i])) << "hd=" << hd << " n_rot=" << n_rot << " neox=" << neox
+                                                         << " n=" << n << " d=" << d << " j=" << j;
+              }
+          }
         }
       }
     }
@@ -123,123 +210,134 @@ TEST(KvDecode, RotationMatchesScalarBitForBit) {
 // stages run one by one (decode, outliers, rotation), over formats, head
 // sizes, partial rotation, both pairings and awkward page fills.
 TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU";
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
-  int checked = 0;
-  for (const KvFormat& f : kv_format_table()) {
-    if (!f.keys_pre_rope) continue;
-    for (int hd : {64, 32, 80, 128}) {
-      const KvGeometry g{3, hd};
-      const KvTensorCalibration cal = make_cal(f, g.row(), rng);
-      const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
-      for (int n_rot : {hd, hd / 2}) {
-        const int half = n_rot / 2;
-        std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
-        for (int i = 0; i < half; ++i)
-          for (int j = 0; j < kKvPageTokens; ++j) {
-            const float t = ang(rng);
-            cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
-            cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
-          }
-        for (bool neox : {false, true})
-          for (int n : {1, 31, 33, 63, 64}) {
-            std::vector<uint8_t> page(codec->page_bytes(), 0);
-            std::vector<float> row(size_t(g.row()));
-            for (int j = 0; j < n; ++j) {
-              for (auto& x : row) x = nd(rng) * 1.5f;
-              row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
-              codec->encode(row.data(), j, page.data());
+  for (const DecoderPath& path : decoder_paths()) {
+    SCOPED_TRACE(path.name);
+    const DecoderScope scope(path);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
+    int checked = 0;
+    for (const KvFormat& f : kv_format_table()) {
+      if (!f.keys_pre_rope) continue;
+      for (int hd : {64, 32, 80, 128}) {
+        const KvGeometry g{3, hd};
+        const KvTensorCalibration cal = make_cal(f, g.row(), rng);
+        const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
+        for (int n_rot : {hd, hd / 2}) {
+          const int half = n_rot / 2;
+          std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
+          for (int i = 0; i < half; ++i)
+            for (int j = 0; j < kKvPageTokens; ++j) {
+              const float t = ang(rng);
+              cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
+              cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
             }
-            for (int head = 0; head < g.n_kv_heads; ++head) {
-              std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
-              kv_decode_tile(*codec, page.data(), head, n, want.data());
-              kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
-              ASSERT_TRUE(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox))
-                  << f.name;
-              float mx = 0;
-              for (int d = 0; d < hd; ++d)
-                for (int j = 0; j < n; ++j) mx = std::max(mx, std::fabs(want[size_t(d) * kKvPageTokens + j]));
-              for (int d = 0; d < hd; ++d)
-                for (int j = 0; j < n; ++j) {
-                  const size_t i = size_t(d) * kKvPageTokens + j;
-                  ASSERT_LE(std::fabs(want[i] - got[i]), 4e-7f * mx)
-                      << f.name << " hd=" << hd << " n_rot=" << n_rot << " neox=" << neox << " n=" << n
-                      << " head=" << head << " d=" << d << " j=" << j << ": " << got[i] << " vs " << want[i];
-                }
-              ++checked;
+          for (bool neox : {false, true})
+            for (int n : {1, 31, 33, 63, 64}) {
+              std::vector<uint8_t> page(codec->page_bytes(), 0);
+              std::vector<float> row(size_t(g.row()));
+              for (int j = 0; j < n; ++j) {
+                for (auto& x : row) x = nd(rng) * 1.5f;
+                row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
+                codec->encode(row.data(), j, page.data());
+              }
+              for (int head = 0; head < g.n_kv_heads; ++head) {
+                std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
+                kv_decode_tile(*codec, page.data(), head, n, want.data());
+                kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
+                // AVX2 fuses every bit width; the portable decoders up to 4 bits.
+                const bool fused = path.decoders == TileDecoders::avx2 || (!path.baseline && f.bits <= 4);
+                ASSERT_EQ(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox), fused)
+                    << f.name;
+                if (!fused) continue;
+                float mx = 0;
+                for (int d = 0; d < hd; ++d)
+                  for (int j = 0; j < n; ++j) mx = std::max(mx, std::fabs(want[size_t(d) * kKvPageTokens + j]));
+                for (int d = 0; d < hd; ++d)
+                  for (int j = 0; j < n; ++j) {
+                    const size_t i = size_t(d) * kKvPageTokens + j;
+                    ASSERT_LE(std::fabs(want[i] - got[i]), 4e-7f * mx)
+                        << f.name << " hd=" << hd << " n_rot=" << n_rot << " neox=" << neox << " n=" << n
+                        << " head=" << head << " d=" << d << " j=" << j << ": " << got[i] << " vs " << want[i];
+                  }
+                ++checked;
+              }
             }
-          }
+        }
       }
     }
+    if (!path.baseline) EXPECT_GT(checked, 0);
   }
-  EXPECT_GT(checked, 0);
 }
 
 // The cache's view (decode + sink/window patches + rotation at each slot's
 // position) gives the same tiles on the fast and the scalar path.
 TEST(KvDecode, CacheViewTilesSameOnBothPaths) {
-  if (detected_simd_level() < SimdLevel::avx2) GTEST_SKIP() << "no AVX2 on this CPU";
-  std::mt19937 rng(11);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (const char* name : {"f16", "q8_0", "q4_0", "int4", "int3-ch", "int4-ch-1%", "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq8"}) {
-    const KvFormat& f = kv_format(name);
-    KvCacheConfig c;
-    c.n_layers = 1;
-    c.n_kv_heads = 2;
-    c.head_dim = 64;
-    c.n_ctx = 300;
-    c.k_format = &f;
-    c.v_format = &f;
-    c.rope.head_dim = 64;
-    c.rope.n_rot = 64;
-    c.sink_tokens = 5;
-    c.window_tokens = 40;
-    if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
-      c.k_calibration.push_back(make_cal(f, c.n_kv_heads * c.head_dim, rng));
-      c.v_calibration.push_back(make_cal(f, c.n_kv_heads * c.head_dim, rng));
-    }
-    KvCache cache(c);
-    const int64_t n = 161;
-    std::vector<int32_t> pos(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(3 * i + 2);
-    std::vector<float> k(size_t(n) * 128), v(size_t(n) * 128);
-    for (auto& x : k) x = nd(rng);
-    for (auto& x : v) x = nd(rng);
-    cache.begin_batch(pos);
-    cache.store(0, k.data(), v.data());
-    cache.end_batch();
-    const KvLayerView view = cache.view(0);
-    for (int64_t p = 0; p < 3; ++p)
-      for (int h = 0; h < 2; ++h)
-        for (int64_t fp_from : {kKvNoWindow, view.window_from(pos.back())}) {
-          std::vector<float> kw(64 * 64, 0.0f), vw(64 * 64, 0.0f), kg(64 * 64, 0.0f), vg(64 * 64, 0.0f);
-          {
-            SimdScope scalar(SimdLevel::scalar);
-            view.decode_keys(p, h, kw.data(), fp_from);
-            view.decode_values(p, h, vw.data(), fp_from);
-          }
-          view.decode_keys(p, h, kg.data(), fp_from);
-          view.decode_values(p, h, vg.data(), fp_from);
-          const int m = view.page_tokens(p);
-          // Pre-RoPE keys of pages without full-precision slots take the fused
-          // decode+rotate kernel: equal up to the rounding of adding the rotated
-          // outlier residuals after the rotation (bounded by a few ulp of the
-          // largest element); everything else bit for bit.
-          float kmax = 0;
-          for (float x : kw) kmax = std::max(kmax, std::fabs(x));
-          const float tol = f.keys_pre_rope ? 4e-7f * kmax : 0.0f;
-          for (int j = 0; j < m; ++j)
-            for (int d = 0; d < 64; ++d) {
-              const float a = kw[size_t(d) * 64 + j], b = kg[size_t(d) * 64 + j];
-              ASSERT_TRUE(same_bits(a, b) || std::fabs(a - b) <= tol)
-                  << name << " keys page " << p << " head " << h << " slot " << j << " dim " << d << ": " << b
-                  << " vs " << a;
-              ASSERT_TRUE(same_bits(vw[size_t(j) * 64 + d], vg[size_t(j) * 64 + d]))
-                  << name << " values page " << p << " head " << h << " slot " << j << " dim " << d;
+  for (const DecoderPath& path : decoder_paths()) {
+    SCOPED_TRACE(path.name);
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (const char* name : {"f16", "q8_0", "q4_0", "int4", "int3-ch", "int4-ch-1%", "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq8"}) {
+      const KvFormat& f = kv_format(name);
+      KvCacheConfig c;
+      c.n_layers = 1;
+      c.n_kv_heads = 2;
+      c.head_dim = 64;
+      c.n_ctx = 300;
+      c.k_format = &f;
+      c.v_format = &f;
+      c.rope.head_dim = 64;
+      c.rope.n_rot = 64;
+      c.sink_tokens = 5;
+      c.window_tokens = 40;
+      if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
+        c.k_calibration.push_back(make_cal(f, c.n_kv_heads * c.head_dim, rng));
+        c.v_calibration.push_back(make_cal(f, c.n_kv_heads * c.head_dim, rng));
+      }
+      KvCache cache(c);
+      const int64_t n = 161;
+      std::vector<int32_t> pos(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(3 * i + 2);
+      std::vector<float> k(size_t(n) * 128), v(size_t(n) * 128);
+      for (auto& x : k) x = nd(rng);
+      for (auto& x : v) x = nd(rng);
+      cache.begin_batch(pos);
+      cache.store(0, k.data(), v.data());
+      cache.end_batch();
+      const KvLayerView view = cache.view(0);
+      for (int64_t p = 0; p < 3; ++p)
+        for (int h = 0; h < 2; ++h)
+          for (int64_t fp_from : {kKvNoWindow, view.window_from(pos.back())}) {
+            std::vector<float> kw(64 * 64, 0.0f), vw(64 * 64, 0.0f), kg(64 * 64, 0.0f), vg(64 * 64, 0.0f);
+            {
+              const ReferenceScope reference;
+              view.decode_keys(p, h, kw.data(), fp_from);
+              view.decode_values(p, h, vw.data(), fp_from);
             }
-        }
+            {
+              const DecoderScope scope(path);
+              view.decode_keys(p, h, kg.data(), fp_from);
+              view.decode_values(p, h, vg.data(), fp_from);
+            }
+            const int m = view.page_tokens(p);
+            // Pre-RoPE keys of pages without full-precision slots take the fused
+            // decode+rotate kernel: equal up to the rounding of adding the rotated
+            // outlier residuals after the rotation (bounded by a few ulp of the
+            // largest element); everything else bit for bit.
+            float kmax = 0;
+            for (float x : kw) kmax = std::max(kmax, std::fabs(x));
+            const float tol = f.keys_pre_rope ? 4e-7f * kmax : 0.0f;
+            for (int j = 0; j < m; ++j)
+              for (int d = 0; d < 64; ++d) {
+                const float a = kw[size_t(d) * 64 + j], b = kg[size_t(d) * 64 + j];
+                ASSERT_TRUE(same_bits(a, b) || std::fabs(a - b) <= tol)
+                    << name << " keys page " << p << " head " << h << " slot " << j << " dim " << d << ": " << b
+                    << " vs " << a;
+                ASSERT_TRUE(same_bits(vw[size_t(j) * 64 + d], vg[size_t(j) * 64 + d]))
+                    << name << " values page " << p << " head " << h << " slot " << j << " dim " << d;
+              }
+          }
+    }
   }
 }
 

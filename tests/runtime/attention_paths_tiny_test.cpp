@@ -1,6 +1,7 @@
 // The fast attention path (AVX2 tile decode stages, fused decode+RoPE keys,
 // values accumulated from packed codes, SIMD tile steps, split-K), and the
-// portable (Highway) tile step, against the scalar reference path, through the
+// portable (Highway) tile step, beside the AVX2 decoders and beside the
+// portable ones ("portable+"), against the scalar reference path, through the
 // model runtime with a tight bound.
 //
 // The model has one layer and F32 weights, so the keys and values the cache
@@ -113,15 +114,22 @@ TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
     }
     run.v_cal.codebook = run.k_cal.codebook;
     const std::vector<float> fast = run.logits(f, n_prompt);
-    // The portable (Highway) tile step at this CPU's best target, beside the AVX2 decoders.
+    // The portable (Highway) tile step at this CPU's best target, beside the AVX2
+    // decoders (as on an AVX-512 CPU) and beside the portable decoders (as on a
+    // CPU without AVX2: Arm, older x86).
     set_attention_kernel(AttentionKernel::portable);
     const std::vector<float> portable = run.logits(f, n_prompt);
+    set_tile_decoders(TileDecoders::portable);
+    const std::vector<float> portable_all = run.logits(f, n_prompt);
+    set_tile_decoders(TileDecoders::automatic);
     set_attention_kernel(AttentionKernel::automatic);
     set_attention_scalar(true);
     const std::vector<float> ref = run.logits(f, n_prompt);
     set_attention_scalar(false);
     ASSERT_EQ(ref.size(), run.tokens.size() * size_t(kVocab)) << f.name;
-    for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>&>{"fast", fast}, {"portable", portable}}) {
+    for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>&>{"fast", fast},
+                                    {"portable", portable},
+                                    {"portable+", portable_all}}) {
       ASSERT_EQ(got.size(), ref.size()) << f.name << " " << name;
       double max_diff = 0, max_abs = 0;
       for (size_t i = 0; i < got.size(); ++i) {

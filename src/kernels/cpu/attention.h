@@ -28,7 +28,8 @@ void attention(const AttentionArgs& args, ThreadPool& pool);
 
 // The tile-step kernels attention() can run (the online-softmax step over one
 // 64-key tile for a group of query rows; the keys and values are decoded by the
-// AVX2 tile decoders where the CPU has AVX2, by the codecs otherwise):
+// AVX2 tile decoders where the CPU has AVX2, else by the portable decoders
+// beside the portable step and by the codecs beside the scalar one, kv_decode.h):
 //   scalar    plain C++, the reference the others are tested against;
 //   avx2      hand-written AVX2+FMA (x86-64, head_dim % 8 == 0), which also
 //             accumulates 2/3/4-bit per-token values straight from their codes;

@@ -3,36 +3,76 @@
 #include <atomic>
 
 #include "base/cpu.h"
+#include "base/error.h"
+#include "kernels/cpu/attention.h"
 
 namespace kvq {
 
 namespace {
 std::atomic<bool> g_attention_scalar{false};
-[[maybe_unused]] bool fast() { return simd_level() >= SimdLevel::avx2 && !g_attention_scalar.load(std::memory_order_relaxed); }
+std::atomic<TileDecoders> g_decoders{TileDecoders::automatic};
 }  // namespace
 
 void set_attention_scalar(bool on) { g_attention_scalar.store(on); }
 bool attention_scalar() { return g_attention_scalar.load(std::memory_order_relaxed); }
 
-void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst) {
+void set_tile_decoders(TileDecoders decoders) {
+  if (decoders == TileDecoders::avx2 && detected_simd_level() < SimdLevel::avx2)
+    fail("tile decoders: the AVX2 decoders were asked for on a CPU without AVX2");
+  g_decoders.store(decoders);
+}
+
+TileDecoders tile_decoders(int head_dim) {
+  if (attention_scalar()) return TileDecoders::codec;
+  const TileDecoders pinned = g_decoders.load(std::memory_order_relaxed);
+  if (pinned != TileDecoders::automatic) return pinned;
 #if defined(__x86_64__)
-  if (fast() && simd::kv_decode_tile_avx2(codec.layout(), page, head, n, dst)) return;
+  if (simd_level() >= SimdLevel::avx2) return TileDecoders::avx2;
 #endif
+  // Without AVX2 the decoders go with the tile kernel: portable beside the
+  // portable step, the codecs beside the scalar reference.
+  return attention_kernel_for(head_dim) == AttentionKernel::portable ? TileDecoders::portable : TileDecoders::codec;
+}
+
+void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst) {
+  const KvCodecLayout& L = codec.layout();
+  switch (tile_decoders(L.head_dim)) {
+#if defined(__x86_64__)
+    case TileDecoders::avx2:
+      if (simd::kv_decode_tile_avx2(L, page, head, n, dst)) return;
+      break;
+#endif
+    case TileDecoders::portable:
+      if (simd::kv_decode_tile_portable(L, page, head, n, dst)) return;
+      break;
+    default: break;
+  }
   codec.decode(page, head, n, dst);
 }
 
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox) {
+  const KvCodecLayout& L = codec.layout();
+  switch (tile_decoders(L.head_dim)) {
 #if defined(__x86_64__)
-  if (fast()) return simd::kv_decode_rotate_keys_avx2(codec.layout(), page, head, n, dst, cs, half, neox);
+    case TileDecoders::avx2: return simd::kv_decode_rotate_keys_avx2(L, page, head, n, dst, cs, half, neox);
 #endif
-  return false;
+    case TileDecoders::portable: return simd::kv_decode_rotate_keys_portable(L, page, head, n, dst, cs, half, neox);
+    default: return false;
+  }
 }
 
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
+  // The rotation does not depend on the head size; 2 * half is a lower bound of it.
+  switch (tile_decoders(2 * half)) {
 #if defined(__x86_64__)
-  if (fast()) return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
+    case TileDecoders::avx2: return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
 #endif
+    case TileDecoders::portable:
+      if (simd::kv_rotate_key_tile_portable(kt, n, cs, half, neox)) return;
+      break;
+    default: break;
+  }
   constexpr int T = kKvPageTokens;
   for (int i = 0; i < half; ++i) {
     const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;

@@ -16,9 +16,16 @@
 
 namespace kvq {
 
-// KvCodec::decode, dispatched from simd_level() (AVX2 for quant formats of
-// 2, 3, 4 and 8 bits, q8_0/q4_0 with head_dim % 32 == 0, f16; the codec's own
-// decode otherwise).
+// Which decoders run: the AVX2 ones where the CPU has AVX2 (simd_level()), the
+// portable ones (Google Highway: NEON, SVE, SSE4, ...) where the attention tile
+// kernel is the portable one without AVX2 (CPUs without AVX2, Arm; or pinned
+// so for tests), the codecs' own decode otherwise (the scalar reference), and
+// wherever a fast decoder has no path for the layout.
+//
+// KvCodec::decode, fast: AVX2 for quant formats of 2, 3, 4 and 8 bits,
+// q8_0/q4_0 with head_dim % 32 == 0 (f16: the codec's F16C row conversion);
+// portable for quant formats of 2, 3 and 4 bits, q8_0/q4_0 (head_dim % 32 ==
+// 0) and f16.
 void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst);
 
 // Rotates a channel-major key tile kt[d * kKvPageTokens + j] (slots [0, n);
@@ -36,6 +43,12 @@ void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox);
 
+enum class TileDecoders { automatic, codec, avx2, portable };
+TileDecoders tile_decoders(int head_dim);  // the decoders that run now (never automatic)
+// Process-wide pin, for tests and benchmarks (automatic: the rule above);
+// set_attention_scalar(true) still wins.
+void set_tile_decoders(TileDecoders decoders);
+
 // Tests only: when on, attention and the tile decoders take their scalar
 // stages (codec decode, scalar rotation and tile step) whatever simd_level()
 // says, so a whole-model run can compare the two attention paths with every
@@ -49,6 +62,13 @@ bool kv_decode_tile_avx2(const KvCodecLayout& layout, const uint8_t* page, int h
 void kv_rotate_key_tile_avx2(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
                                 const float* cs, int half, bool neox);
+// The portable decoders (kv_decode_hwy.cpp), at the Highway target dispatch
+// picks (attn::pin_portable_target pins it); false: no path for this layout
+// or target (the one-lane baseline declines everything).
+bool kv_decode_tile_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
+bool kv_rotate_key_tile_portable(float* kt, int n, const float* cs, int half, bool neox);
+bool kv_decode_rotate_keys_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
+                                    const float* cs, int half, bool neox);
 }  // namespace simd
 
 }  // namespace kvq
