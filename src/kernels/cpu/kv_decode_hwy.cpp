@@ -144,31 +144,32 @@ HWY_INLINE void unpack(const uint8_t* HWY_RESTRICT run, int m, uint8_t* HWY_REST
 // entry l at planes[16 * b + l], KvCodecLayout::level_planes / channel_planes);
 // one byte shuffle per plane gives byte b of every element's level, and two
 // rounds of interleaves reassemble the floats (the very bytes of the table).
-struct Planes {
-  V8 p0, p1, p2, p3;
-  explicit Planes(const uint8_t* planes) {
-    const D8 d8;
-    p0 = hn::LoadU(d8, planes), p1 = hn::LoadU(d8, planes + 16);
-    p2 = hn::LoadU(d8, planes + 32), p3 = hn::LoadU(d8, planes + 48);
-  }
-  // The levels of 16 codes (bytes at `codes`), elements 4k..4k+3 in out[k].
-  HWY_INLINE void lookup16(const uint8_t* HWY_RESTRICT codes, VF out[4]) const {
-    const D8 d8;
-    const D16 d16;
-    const DF df;
-    const V8 c = hn::LoadU(d8, codes);
-    const V8 b0 = hn::TableLookupBytes(p0, c), b1 = hn::TableLookupBytes(p1, c);
-    const V8 b2 = hn::TableLookupBytes(p2, c), b3 = hn::TableLookupBytes(p3, c);
-    const auto w01l = hn::BitCast(d16, hn::InterleaveLower(d8, b0, b1));
-    const auto w01h = hn::BitCast(d16, hn::InterleaveUpper(d8, b0, b1));
-    const auto w23l = hn::BitCast(d16, hn::InterleaveLower(d8, b2, b3));
-    const auto w23h = hn::BitCast(d16, hn::InterleaveUpper(d8, b2, b3));
-    out[0] = hn::BitCast(df, hn::InterleaveLower(d16, w01l, w23l));
-    out[1] = hn::BitCast(df, hn::InterleaveUpper(d16, w01l, w23l));
-    out[2] = hn::BitCast(df, hn::InterleaveLower(d16, w01h, w23h));
-    out[3] = hn::BitCast(df, hn::InterleaveUpper(d16, w01h, w23h));
-  }
-};
+// (Vectors stay in locals and parameters: SVE's sizeless vector types cannot
+// be class members or array elements.)
+HWY_INLINE void load_planes(const uint8_t* HWY_RESTRICT planes, V8& p0, V8& p1, V8& p2, V8& p3) {
+  const D8 d8;
+  p0 = hn::LoadU(d8, planes), p1 = hn::LoadU(d8, planes + 16);
+  p2 = hn::LoadU(d8, planes + 32), p3 = hn::LoadU(d8, planes + 48);
+}
+
+// The levels of 16 codes (bytes at `codes`): elements 4k..4k+3 in o<k>.
+HWY_INLINE void lookup16(V8 p0, V8 p1, V8 p2, V8 p3, const uint8_t* HWY_RESTRICT codes, VF& o0, VF& o1, VF& o2,
+                         VF& o3) {
+  const D8 d8;
+  const D16 d16;
+  const DF df;
+  const V8 c = hn::LoadU(d8, codes);
+  const V8 b0 = hn::TableLookupBytes(p0, c), b1 = hn::TableLookupBytes(p1, c);
+  const V8 b2 = hn::TableLookupBytes(p2, c), b3 = hn::TableLookupBytes(p3, c);
+  const auto w01l = hn::BitCast(d16, hn::InterleaveLower(d8, b0, b1));
+  const auto w01h = hn::BitCast(d16, hn::InterleaveUpper(d8, b0, b1));
+  const auto w23l = hn::BitCast(d16, hn::InterleaveLower(d8, b2, b3));
+  const auto w23h = hn::BitCast(d16, hn::InterleaveUpper(d8, b2, b3));
+  o0 = hn::BitCast(df, hn::InterleaveLower(d16, w01l, w23l));
+  o1 = hn::BitCast(df, hn::InterleaveUpper(d16, w01l, w23l));
+  o2 = hn::BitCast(df, hn::InterleaveLower(d16, w01h, w23h));
+  o3 = hn::BitCast(df, hn::InterleaveUpper(d16, w01h, w23h));
+}
 
 // Stage "outlier residuals": adds each of this head's residuals to its element.
 void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
@@ -193,27 +194,21 @@ void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, fl
       zps[j] = fp16_to_f32(ld16(sc));
       rs[j] = fp16_to_f32(ld16(sc + 2));
     }
-  const Planes levels(L.level_planes);
   for (int d = 0; d < D; ++d) {
     const int64_t c = int64_t(head) * D + d;
     unpack<B>(page + c * L.run_bytes, T, codes);
     float* out = dst + int64_t(d) * T;
-    if (L.per_channel) {
-      const Planes lut(L.channel_planes + c * 64);
-      for (int j = 0; j < n16; j += 16) {
-        VF lv[4];
-        lut.lookup16(codes + j, lv);
-        for (int k = 0; k < 4; ++k) hn::StoreU(lv[k], df, out + j + 4 * k);
-      }
-    } else {
-      for (int j = 0; j < n16; j += 16) {
-        VF lv[4];
-        levels.lookup16(codes + j, lv);
-        for (int k = 0; k < 4; ++k) {
-          const int s = j + 4 * k;
-          hn::StoreU(hn::Add(hn::LoadU(df, zps + s), hn::Mul(hn::LoadU(df, rs + s), lv[k])), df, out + s);
-        }
-      }
+    V8 p0, p1, p2, p3;
+    load_planes(L.per_channel ? L.channel_planes + c * 64 : L.level_planes, p0, p1, p2, p3);
+    // Per-channel: the levels are the keys; per-token: zp_j + r_j * L[c].
+    auto put = [&](int s, VF lv) {
+      if (!L.per_channel) lv = hn::Add(hn::LoadU(df, zps + s), hn::Mul(hn::LoadU(df, rs + s), lv));
+      hn::StoreU(lv, df, out + s);
+    };
+    for (int j = 0; j < n16; j += 16) {
+      VF l0, l1, l2, l3;
+      lookup16(p0, p1, p2, p3, codes + j, l0, l1, l2, l3);
+      put(j, l0), put(j + 4, l1), put(j + 8, l2), put(j + 12, l3);
     }
   }
   add_outliers(L, page, head, n, dst);
@@ -226,17 +221,19 @@ void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, 
   const DF df;
   const int D = L.head_dim, full = D / 16 * 16;
   uint8_t codes[512 + 16];
-  const Planes levels(L.level_planes);
+  V8 p0, p1, p2, p3;
+  load_planes(L.level_planes, p0, p1, p2, p3);
   for (int j = 0; j < n; ++j) {
     const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
     const float zp = fp16_to_f32(ld16(sc)), r = fp16_to_f32(ld16(sc + 2));
     const VF zv = hn::Set(df, zp), rv = hn::Set(df, r);
     unpack<B>(page + (int64_t(head) * T + j) * L.run_bytes, D, codes);
     float* out = dst + int64_t(j) * D;
+    auto put = [&](int d, VF lv) { hn::StoreU(hn::Add(zv, hn::Mul(rv, lv)), df, out + d); };
     for (int d0 = 0; d0 < full; d0 += 16) {
-      VF lv[4];
-      levels.lookup16(codes + d0, lv);
-      for (int k = 0; k < 4; ++k) hn::StoreU(hn::Add(zv, hn::Mul(rv, lv[k])), df, out + d0 + 4 * k);
+      VF l0, l1, l2, l3;
+      lookup16(p0, p1, p2, p3, codes + d0, l0, l1, l2, l3);
+      put(d0, l0), put(d0 + 4, l1), put(d0 + 8, l2), put(d0 + 12, l3);
     }
     for (int d = full; d < D; ++d) out[d] = zp + r * L.levels[codes[d]];
   }
@@ -395,32 +392,38 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     const int64_t ra = int64_t(head) * D + a, rb = int64_t(head) * D + b;
     unpack<B>(page + ra * L.run_bytes, T, ca);
     unpack<B>(page + rb * L.run_bytes, T, cb);
-    const Planes la(L.channel_planes + ra * 64), lb(L.channel_planes + rb * 64);
+    V8 a0, a1, a2, a3, b0, b1, b2, b3;
+    load_planes(L.channel_planes + ra * 64, a0, a1, a2, a3);
+    load_planes(L.channel_planes + rb * 64, b0, b1, b2, b3);
     const float* c = cs + i * T;
     const float* sn = cs + (half + i) * T;
     float* xa = dst + int64_t(a) * T;
     float* xb = dst + int64_t(b) * T;
+    // Rotates slots s..s+3 of the pair (x, y) at their angles and stores them.
+    auto rotate4 = [&](int s, VF x, VF y) {
+      const VF cv = hn::LoadU(df, c + s), sv = hn::LoadU(df, sn + s);
+      hn::StoreU(hn::MulSub(x, cv, hn::Mul(y, sv)), df, xa + s);
+      hn::StoreU(hn::MulAdd(x, sv, hn::Mul(y, cv)), df, xb + s);
+    };
     for (int j = 0; j < n16; j += 16) {
-      VF x[4], y[4];
-      la.lookup16(ca + j, x);
-      lb.lookup16(cb + j, y);
-      for (int k = 0; k < 4; ++k) {
-        const int s = j + 4 * k;
-        const VF cv = hn::LoadU(df, c + s), sv = hn::LoadU(df, sn + s);
-        hn::StoreU(hn::MulSub(x[k], cv, hn::Mul(y[k], sv)), df, xa + s);
-        hn::StoreU(hn::MulAdd(x[k], sv, hn::Mul(y[k], cv)), df, xb + s);
-      }
+      VF x0, x1, x2, x3, y0, y1, y2, y3;
+      lookup16(a0, a1, a2, a3, ca + j, x0, x1, x2, x3);
+      lookup16(b0, b1, b2, b3, cb + j, y0, y1, y2, y3);
+      rotate4(j, x0, y0), rotate4(j + 4, x1, y1), rotate4(j + 8, x2, y2), rotate4(j + 12, x3, y3);
     }
   }
   // Channels past the rotated ones (n_rot < head_dim) pass through.
   for (int d = 2 * half; d < D; ++d) {
     const int64_t r = int64_t(head) * D + d;
     unpack<B>(page + r * L.run_bytes, T, ca);
-    const Planes lut(L.channel_planes + r * 64);
+    V8 p0, p1, p2, p3;
+    load_planes(L.channel_planes + r * 64, p0, p1, p2, p3);
+    float* out = dst + int64_t(d) * T;
     for (int j = 0; j < n16; j += 16) {
-      VF x[4];
-      lut.lookup16(ca + j, x);
-      for (int k = 0; k < 4; ++k) hn::StoreU(x[k], df, dst + int64_t(d) * T + j + 4 * k);
+      VF x0, x1, x2, x3;
+      lookup16(p0, p1, p2, p3, ca + j, x0, x1, x2, x3);
+      hn::StoreU(x0, df, out + j), hn::StoreU(x1, df, out + j + 4);
+      hn::StoreU(x2, df, out + j + 8), hn::StoreU(x3, df, out + j + 12);
     }
   }
   // Outlier residuals, rotated like the element they belong to: e on x gives
