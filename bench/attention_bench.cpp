@@ -12,9 +12,11 @@
 // Filled through KvCache::store with random rows (calibration random but
 // shaped like a real one), so pages, scales, outliers and sink are real.
 #include <benchmark/benchmark.h>
+#include <hwy/targets.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -247,6 +249,17 @@ const char* const kFormats[] = {"f16", "q8_0", "q4_0", "int4", "int4-ch-1%", "in
                                 "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq4"};
 
 int register_all() {
+  // KVQ_BENCH_HWY_TARGET=SSE4 (a Highway target name): run the portable kernels
+  // at that target, e.g. to see what a CPU without AVX2 gets.
+  if (const char* want = std::getenv("KVQ_BENCH_HWY_TARGET")) {
+    bool found = false;
+    for (int64_t t : attn::portable_targets())
+      if (std::string(hwy::TargetName(t)) == want) attn::pin_portable_target(t), found = true;
+    if (!found) {
+      std::fprintf(stderr, "KVQ_BENCH_HWY_TARGET=%s: not a Highway target this CPU runs\n", want);
+      std::exit(2);
+    }
+  }
   for (const char* f : kFormats) {
     benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
