@@ -163,7 +163,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const bool packed_layout = attn::packed_values_supported(kv.v_codec->layout());
   const AttentionKernel kernel = attention_kernel_for(hd, packed_layout && rows_max <= kPackedValuesMaxRows);
   const auto tile_step = tile_step_of(kernel);
-  const bool packed_values = kernel == AttentionKernel::avx2 && packed_layout;
+  const bool packed_values = kernel != AttentionKernel::scalar && packed_layout;
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).

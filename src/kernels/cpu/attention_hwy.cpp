@@ -5,7 +5,8 @@
 // the hand-written AVX2 step does not: CPUs with AVX-512 (where it scores a
 // whole 64-key tile in 4 vectors per row), CPUs without AVX2, non-x86 CPUs, and
 // head sizes that are not a multiple of 8. Values come from a decoded tile
-// (TileStep::v); packed values are the AVX2 step's specialisation.
+// (TileStep::v) or, for per-token 2/3/4-bit codes in decode, straight from
+// the packed page (accumulate_packed).
 //
 // This file is included once per target by Highway's foreach_target.h.
 #undef HWY_TARGET_INCLUDE
@@ -25,6 +26,7 @@
 #include <limits>
 
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/kv_lookup_hwy-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace kvq::attn::HWY_NAMESPACE {
@@ -134,6 +136,104 @@ HWY_INLINE void accumulate_tail(const float* p, int n, const float* v, int hd, i
     }
 }
 
+// The value half of a tile step read from the packed page (per-token 2/3/4-bit
+// codes, see packed_values_supported): sum_j p_j (zp_j + r_j L[c]) taken as
+// sum_j (p_j r_j) L[c] + sum_j p_j zp_j, plus p_j e per outlier residual e.
+// p holds the rows' probabilities (0 for masked slots), acc their already
+// rescaled outputs. Levels are looked up 16 at a time by byte shuffles on
+// 128-bit vectors whatever the target's width (the lookups, not the
+// multiply-adds, bound this loop); the one-lane baseline decodes each element.
+template <int R, int B>
+HWY_INLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p, float* HWY_RESTRICT acc) {
+  const KvCodecLayout& L = *t.v_layout;
+  const int hd = t.hd, n = t.n;
+  alignas(16) float pr[R][kTile];
+  float zsum[R] = {};
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* sc = t.v_page + L.codes_bytes + int64_t(j) * 4;
+    const float zp = fp16_to_f32(kvh::ld16(sc)), r = fp16_to_f32(kvh::ld16(sc + 2));
+    for (int q = 0; q < R; ++q) {
+      zsum[q] += p[q * kTile + j] * zp;
+      pr[q][j] = p[q * kTile + j] * r;
+    }
+  }
+  kvh::for_each_outlier(L, t.v_page, t.v_head, n, [&](int j, int d, float e) {
+    for (int q = 0; q < R; ++q) acc[q * hd + d] += p[q * kTile + j] * e;
+  });
+  const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;
+#if HWY_TARGET == HWY_SCALAR
+  uint8_t codes[64];
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    const int w = std::min(64, hd - d0);
+    for (int j = 0; j < n; ++j) {
+      kv_unpack(runs + int64_t(j) * L.run_bytes + d0 / 8 * B, w, B, codes);
+      for (int q = 0; q < R; ++q)
+        for (int d = 0; d < w; ++d) acc[q * hd + d0 + d] += pr[q][j] * L.levels[codes[d]];
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int d = 0; d < hd; ++d) acc[q * hd + d] += zsum[q];
+#else
+  namespace kh = kvh::HWY_NAMESPACE;
+  const kh::DF df;
+  kh::V8 p0, p1, p2, p3;
+  kh::load_planes(L.level_planes, p0, p1, p2, p3);
+  // Columns in blocks of 64: each slot's codes of the block unpacked once, then
+  // 16 columns x R rows of accumulators kept in registers over the tile's slots.
+  alignas(16) uint8_t codes[kTile][64];
+  for (int d0 = 0; d0 < hd; d0 += 64) {
+    const int w = std::min(64, hd - d0);
+    for (int j = 0; j < n; ++j) kh::unpack<B>(runs + int64_t(j) * L.run_bytes + d0 / 8 * B, w, codes[j]);
+    for (int c0 = 0; c0 < w; c0 += 16) {
+      float* ra = acc + d0 + c0;
+      float* rb = ra + hd;
+      float* rc = ra + 2 * hd;
+      auto a0 = hn::LoadU(df, ra), a1 = hn::LoadU(df, ra + 4), a2 = hn::LoadU(df, ra + 8), a3 = hn::LoadU(df, ra + 12);
+      auto b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0v = a0, c1 = a1, c2 = a2, c3 = a3;
+      if constexpr (R > 1) b0 = hn::LoadU(df, rb), b1 = hn::LoadU(df, rb + 4), b2 = hn::LoadU(df, rb + 8), b3 = hn::LoadU(df, rb + 12);
+      if constexpr (R > 2) c0v = hn::LoadU(df, rc), c1 = hn::LoadU(df, rc + 4), c2 = hn::LoadU(df, rc + 8), c3 = hn::LoadU(df, rc + 12);
+      for (int j = 0; j < n; ++j) {
+        kh::VF l0, l1, l2, l3;
+        kh::lookup16(p0, p1, p2, p3, codes[j] + c0, l0, l1, l2, l3);
+        const auto pa = hn::Set(df, pr[0][j]);
+        a0 = hn::MulAdd(pa, l0, a0), a1 = hn::MulAdd(pa, l1, a1), a2 = hn::MulAdd(pa, l2, a2), a3 = hn::MulAdd(pa, l3, a3);
+        if constexpr (R > 1) {
+          const auto pb = hn::Set(df, pr[1][j]);
+          b0 = hn::MulAdd(pb, l0, b0), b1 = hn::MulAdd(pb, l1, b1), b2 = hn::MulAdd(pb, l2, b2), b3 = hn::MulAdd(pb, l3, b3);
+        }
+        if constexpr (R > 2) {
+          const auto pc = hn::Set(df, pr[2][j]);
+          c0v = hn::MulAdd(pc, l0, c0v), c1 = hn::MulAdd(pc, l1, c1), c2 = hn::MulAdd(pc, l2, c2), c3 = hn::MulAdd(pc, l3, c3);
+        }
+      }
+      // The zero-point term, once per element.
+      const auto za = hn::Set(df, zsum[0]);
+      hn::StoreU(hn::Add(a0, za), df, ra), hn::StoreU(hn::Add(a1, za), df, ra + 4);
+      hn::StoreU(hn::Add(a2, za), df, ra + 8), hn::StoreU(hn::Add(a3, za), df, ra + 12);
+      if constexpr (R > 1) {
+        const auto zb = hn::Set(df, zsum[1]);
+        hn::StoreU(hn::Add(b0, zb), df, rb), hn::StoreU(hn::Add(b1, zb), df, rb + 4);
+        hn::StoreU(hn::Add(b2, zb), df, rb + 8), hn::StoreU(hn::Add(b3, zb), df, rb + 12);
+      }
+      if constexpr (R > 2) {
+        const auto zc = hn::Set(df, zsum[2]);
+        hn::StoreU(hn::Add(c0v, zc), df, rc), hn::StoreU(hn::Add(c1, zc), df, rc + 4);
+        hn::StoreU(hn::Add(c2, zc), df, rc + 8), hn::StoreU(hn::Add(c3, zc), df, rc + 12);
+      }
+    }
+  }
+#endif
+}
+
+template <int R>
+HWY_INLINE void accumulate_packed(const TileStep& t, const float* p, float* acc) {
+  switch (t.v_layout->bits) {
+    case 2: accumulate_packed<R, 2>(t, p, acc); break;
+    case 3: accumulate_packed<R, 3>(t, p, acc); break;
+    default: accumulate_packed<R, 4>(t, p, acc); break;
+  }
+}
+
 template <int R>
 HWY_INLINE void rows_block(const TileStep& t, int r0) {
   const DF d;
@@ -178,6 +278,7 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
   }
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
+  if (!t.v) return accumulate_packed<R>(t, s, acc);
   int c0 = 0;
   for (; c0 + 4 * N <= t.hd; c0 += 4 * N) accumulate_chunk<R, 4>(s, t.n, t.v, t.hd, c0, acc);
   switch ((t.hd - c0) / N) {

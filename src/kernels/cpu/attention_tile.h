@@ -24,7 +24,7 @@ struct TileStep {
   float* l;               // [rows] running sum of exp
   float* acc;             // [rows][hd] running output (unnormalised)
   float* s;               // scratch [rows][kTile]
-  // Values read straight from their page (AVX2 step only, when
+  // Values read straight from their page (AVX2 and portable steps, when
   // packed_values_supported): the value decode fused into the accumulation.
   const KvCodecLayout* v_layout = nullptr;
   const uint8_t* v_page = nullptr;  // the page's value part
@@ -32,7 +32,7 @@ struct TileStep {
 };
 
 // Per-token quant values (2/3/4-bit codes, head_dim % 32 == 0) that the AVX2
-// step accumulates from the packed codes: sum_j p_j (zp_j + r_j L[c]) is taken
+// and portable steps accumulate from the packed codes in decode: sum_j p_j (zp_j + r_j L[c]) is taken
 // as sum_j (p_j r_j) L[c] + sum_j p_j zp_j, plus p_j e for each outlier residual
 // e; no float tile of values is written. Equal to decoding first up to
 // floating-point reordering.
