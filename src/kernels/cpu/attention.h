@@ -31,13 +31,14 @@ void attention(const AttentionArgs& args, ThreadPool& pool);
 // AVX2 tile decoders where the CPU has AVX2, else by the portable decoders
 // beside the portable step and by the codecs beside the scalar one, kv_decode.h):
 //   scalar    plain C++, the reference the others are tested against;
-//   avx2      hand-written AVX2+FMA (x86-64, head_dim % 8 == 0), which also
-//             accumulates 2/3/4-bit per-token values straight from their codes;
+//   avx2      hand-written AVX2+FMA (x86-64, head_dim % 8 == 0);
 //   portable  written once with Google Highway, compiled for every target of
 //             the architecture and chosen at run time (AVX-512, SSE4, NEON, SVE).
+// Both accumulate 2/3/4-bit per-token values straight from their codes in
+// decode (the portable one with 128-bit lookups on every target).
 // `automatic` (the default) picks avx2 where AVX2 is the CPU's top level and
 // head_dim % 8 == 0, portable on AVX-512 CPUs (but avx2 where it would read the
-// values from their packed codes), on CPUs without AVX2 and for other head
+// values from their packed codes: 256-bit lookups), on CPUs without AVX2 and for other head
 // sizes, and scalar when set_attention_scalar(true) is on or the SIMD level was
 // lowered to scalar (set_simd_level; tests compare paths that way).
 // Pinning avx2 gives what an AVX2 CPU runs (portable for other head sizes).
