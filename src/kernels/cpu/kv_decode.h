@@ -57,6 +57,33 @@ void set_attention_scalar(bool on);
 bool attention_scalar();
 
 namespace simd {
+namespace {  // internal linkage: the includers are compiled for different ISAs
+// Channel of rotated pair i: the pair's first or second element (interleaved
+// pairs 2i, 2i+1, or NeoX halves i, i + half).
+inline int rope_channel(int i, bool second, int half, bool neox) {
+  return neox ? (second ? i + half : i) : (second ? 2 * i + 1 : 2 * i);
+}
+// Adds a sparse residual e of key element (slot j, channel d) to a
+// channel-major tile already rotated by the page's angles (kv_rotate_key_tile's
+// cs): rotated as its element is (the rotation is linear), e on the pair's
+// first channel gives (x' += e c, y' += e s), on its second (x' -= e s, y' += e c).
+inline void add_rotated_residual(float* kt, int j, int d, float e, const float* cs, int half, bool neox) {
+  constexpr int T = kKvPageTokens;
+  if (d >= 2 * half) {  // past the rotated channels
+    kt[int64_t(d) * T + j] += e;
+    return;
+  }
+  const int i = neox ? (d >= half ? d - half : d) : d / 2;
+  const int second = neox ? int(d >= half) : d & 1;
+  const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
+  // The weights picked by index, not by a branch: which channel of its pair an
+  // outlier falls on is a coin toss, and the mispredictions cost more than the adds.
+  const float w[4] = {c, sn, -sn, c};
+  kt[int64_t(rope_channel(i, false, half, neox)) * T + j] += e * w[2 * second];
+  kt[int64_t(rope_channel(i, true, half, neox)) * T + j] += e * w[2 * second + 1];
+}
+}  // namespace
+
 // Return false when the layout has no fast path (the caller falls back).
 bool kv_decode_tile_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
 void kv_rotate_key_tile_avx2(float* kt, int n, const float* cs, int half, bool neox);

@@ -193,12 +193,11 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
   const int D = L.head_dim;
   const int groups = (n + 7) / 8;
   alignas(32) float ta[256], tb[256];
-  auto channel_of = [&](int i, bool second) { return neox ? (second ? i + half : i) : (second ? 2 * i + 1 : 2 * i); };
   // 4-bit codes with per-channel byte planes: 32 slots per lookup (byte shuffles);
   // otherwise 8 per lookup (shifts + vpermps).
   const bool planes = B == 4 && L.channel_planes;
   for (int i = 0; i < half; ++i) {
-    const int a = channel_of(i, false), b = channel_of(i, true);
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
     const int ca = head * D + a, cb = head * D + b;
     const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
     const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
@@ -234,21 +233,7 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     for (int g = 0; g < groups; ++g) _mm256_storeu_ps(dst + int64_t(d) * T + 8 * g, lut(unpack8<B>(run + g * B)));
   }
   // Outlier residuals, rotated like the element they belong to.
-  for_each_outlier(L, page, head, n, [&](int j, int d, float e) {
-    if (d >= 2 * half) {
-      dst[int64_t(d) * T + j] += e;
-      return;
-    }
-    const int i = neox ? (d >= half ? d - half : d) : d / 2;
-    const int second = neox ? int(d >= half) : d & 1;
-    const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
-    // e on x: (x + e, y) -> x' += e c, y' += e s; e on y: x' -= e s, y' += e c.
-    // Picked by index, not by a branch: which channel of its pair an outlier
-    // falls on is a coin toss, and the mispredictions cost more than the adds.
-    const float w[4] = {c, sn, -sn, c};
-    dst[int64_t(channel_of(i, false)) * T + j] += e * w[2 * second];
-    dst[int64_t(channel_of(i, true)) * T + j] += e * w[2 * second + 1];
-  });
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
 }
 
 }  // namespace

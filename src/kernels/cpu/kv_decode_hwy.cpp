@@ -260,9 +260,8 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
   const int D = L.head_dim;
   const int n16 = (n + 15) / 16 * 16;
   alignas(16) uint8_t ca[T], cb[T];
-  auto channel_of = [&](int i, bool second) { return neox ? (second ? i + half : i) : (second ? 2 * i + 1 : 2 * i); };
   for (int i = 0; i < half; ++i) {
-    const int a = channel_of(i, false), b = channel_of(i, true);
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
     const int64_t ra = int64_t(head) * D + a, rb = int64_t(head) * D + b;
     unpack<B>(page + ra * L.run_bytes, T, ca);
     unpack<B>(page + rb * L.run_bytes, T, cb);
@@ -300,20 +299,9 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
       hn::StoreU(x2, df, out + j + 8), hn::StoreU(x3, df, out + j + 12);
     }
   }
-  // Outlier residuals, rotated like the element they belong to: e on x gives
-  // (x' += e c, y' += e s), e on y gives (x' -= e s, y' += e c).
-  kvh::for_each_outlier(L, page, head, n, [&](int j, int d, float e) {
-    if (d >= 2 * half) {
-      dst[int64_t(d) * T + j] += e;
-      return;
-    }
-    const int i = neox ? (d >= half ? d - half : d) : d / 2;
-    const int second = neox ? int(d >= half) : d & 1;
-    const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
-    const float w[4] = {c, sn, -sn, c};
-    dst[int64_t(channel_of(i, false)) * T + j] += e * w[2 * second];
-    dst[int64_t(channel_of(i, true)) * T + j] += e * w[2 * second + 1];
-  });
+  // Outlier residuals, rotated like the element they belong to.
+  kvh::for_each_outlier(L, page, head, n,
+                        [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
 }
 
 bool DecodeRotateKeysHwy(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst, const float* cs,
