@@ -33,16 +33,20 @@ struct DecoderPath {
   std::string name;
   TileDecoders decoders;
   int64_t target = 0;
-  bool baseline = false;  // Highway's one-lane target: declines, the codecs decode
 };
 
+bool is_baseline(int64_t target) {
+  const std::string name = hwy::TargetName(target);
+  return name == "SCALAR" || name == "EMU128";
+}
+
+// The AVX2 decoders, and the portable ones at every vector target (the one-lane
+// baseline declines every layout: see PortableBaselineLeavesTilesToTheCodecs).
 std::vector<DecoderPath> decoder_paths() {
   std::vector<DecoderPath> paths;
   if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", TileDecoders::avx2});
-  for (int64_t t : attn::portable_targets()) {
-    const std::string name = hwy::TargetName(t);
-    paths.push_back({"portable/" + name, TileDecoders::portable, t, name == "SCALAR" || name == "EMU128"});
-  }
+  for (int64_t t : attn::portable_targets())
+    if (!is_baseline(t)) paths.push_back({"portable/" + std::string(hwy::TargetName(t)), TileDecoders::portable, t});
   return paths;
 }
 
@@ -121,7 +125,7 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
               std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
               codec->decode(page.data(), head, n, want.data());
               kv_decode_tile(*codec, page.data(), head, n, got.data());
-              if (path.decoders == TileDecoders::portable && !path.baseline && portable_decodes(f, hd)) {
+              if (path.decoders == TileDecoders::portable && portable_decodes(f, hd)) {
                 std::vector<float> own(want.size(), 0.0f);
                 ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, n, own.data()))
                     << f.name << " hd=" << hd << ": the portable decoder left it to the codec";
@@ -143,6 +147,32 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
   }
 }
 
+// On Highway's one-lane baseline target the portable decoders decline every
+// layout, so the codecs decode (a CPU whose best target that is loses nothing).
+TEST(KvDecode, PortableBaselineLeavesTilesToTheCodecs) {
+  const KvGeometry g{3, 64};
+  std::mt19937 rng(9);
+  int checked = 0;
+  for (int64_t t : attn::portable_targets()) {
+    if (!is_baseline(t)) continue;
+    attn::pin_portable_target(t);
+    for (const char* name : {"f16", "q8_0", "nuq4-1%", "int3"}) {
+      const KvFormat& f = kv_format(name);
+      const KvTensorCalibration cal = make_cal(f, g.row(), rng);
+      const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
+      std::vector<uint8_t> page(codec->page_bytes(), 0);
+      std::vector<float> tile(size_t(g.head_dim) * kKvPageTokens), cs(size_t(g.head_dim) * kKvPageTokens, 1.0f);
+      EXPECT_FALSE(simd::kv_decode_tile_portable(codec->layout(), page.data(), 0, 8, tile.data())) << name;
+      EXPECT_FALSE(simd::kv_decode_rotate_keys_portable(codec->layout(), page.data(), 0, 8, tile.data(), cs.data(),
+                                                        g.head_dim / 2, false))
+          << name;
+      ++checked;
+    }
+    attn::pin_portable_target(0);
+  }
+  EXPECT_GT(checked, 0) << "no one-lane baseline target compiled in";
+}
+
 // Every half the portable f16 decoder can meet (subnormals, infinities, NaNs):
 // the same floats as the scalar conversion (NaN as NaN).
 TEST(KvDecode, PortableHalfConversionIsExact) {
@@ -152,7 +182,7 @@ TEST(KvDecode, PortableHalfConversionIsExact) {
   std::vector<uint8_t> page(codec->page_bytes());
   std::vector<float> tile(static_cast<size_t>(per_head));
   for (const DecoderPath& path : decoder_paths()) {
-    if (path.decoders != TileDecoders::portable || path.baseline) continue;
+    if (path.decoders != TileDecoders::portable) continue;
     SCOPED_TRACE(path.name);
     const DecoderScope scope(path);
     for (uint32_t h0 = 0; h0 < 65536; h0 += uint32_t(per_head) * 3) {
@@ -246,7 +276,7 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
                 kv_decode_tile(*codec, page.data(), head, n, want.data());
                 kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
                 // AVX2 fuses every bit width; the portable decoders up to 4 bits.
-                const bool fused = path.decoders == TileDecoders::avx2 || (!path.baseline && f.bits <= 4);
+                const bool fused = path.decoders == TileDecoders::avx2 || f.bits <= 4;
                 ASSERT_EQ(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox), fused)
                     << f.name;
                 if (!fused) continue;
@@ -266,7 +296,7 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
         }
       }
     }
-    if (!path.baseline) EXPECT_GT(checked, 0);
+    EXPECT_GT(checked, 0);
   }
 }
 

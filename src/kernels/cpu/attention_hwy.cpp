@@ -143,8 +143,25 @@ HWY_INLINE void accumulate_tail(const float* p, int n, const float* v, int hd, i
 // rescaled outputs. Levels are looked up 16 at a time by byte shuffles on
 // 128-bit vectors whatever the target's width (the lookups, not the
 // multiply-adds, bound this loop); the one-lane baseline decodes each element.
-template <int R, int B>
-HWY_INLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p, float* HWY_RESTRICT acc) {
+// Codes are unpacked to bytes first, so only the unpacking depends on the bit
+// width (one instantiation of the loop per row count, not per width too).
+#if HWY_TARGET != HWY_SCALAR
+// Codes of columns [d0, d0 + w) of slots [0, n) as bytes, codes[j][0 .. w).
+HWY_NOINLINE void unpack_value_block(const KvCodecLayout& L, const uint8_t* runs, int n, int d0, int w,
+                                     uint8_t (*codes)[64]) {
+  namespace kh = kvh::HWY_NAMESPACE;
+  const int B = L.bits;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* run = runs + int64_t(j) * L.run_bytes + d0 / 8 * B;
+    if (B == 2) kh::unpack<2>(run, w, codes[j]);
+    else if (B == 3) kh::unpack<3>(run, w, codes[j]);
+    else kh::unpack<4>(run, w, codes[j]);
+  }
+}
+#endif
+
+template <int R>
+HWY_NOINLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p, float* HWY_RESTRICT acc) {
   const KvCodecLayout& L = *t.v_layout;
   const int hd = t.hd, n = t.n;
   alignas(16) float pr[R][kTile];
@@ -166,7 +183,7 @@ HWY_INLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p
   for (int d0 = 0; d0 < hd; d0 += 64) {
     const int w = std::min(64, hd - d0);
     for (int j = 0; j < n; ++j) {
-      kv_unpack(runs + int64_t(j) * L.run_bytes + d0 / 8 * B, w, B, codes);
+      kv_unpack(runs + int64_t(j) * L.run_bytes + d0 / 8 * L.bits, w, L.bits, codes);
       for (int q = 0; q < R; ++q)
         for (int d = 0; d < w; ++d) acc[q * hd + d0 + d] += pr[q][j] * L.levels[codes[d]];
     }
@@ -183,7 +200,7 @@ HWY_INLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p
   alignas(16) uint8_t codes[kTile][64];
   for (int d0 = 0; d0 < hd; d0 += 64) {
     const int w = std::min(64, hd - d0);
-    for (int j = 0; j < n; ++j) kh::unpack<B>(runs + int64_t(j) * L.run_bytes + d0 / 8 * B, w, codes[j]);
+    unpack_value_block(L, runs, n, d0, w, codes);
     for (int c0 = 0; c0 < w; c0 += 16) {
       float* ra = acc + d0 + c0;
       float* rb = ra + hd;
@@ -223,15 +240,6 @@ HWY_INLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT p
     }
   }
 #endif
-}
-
-template <int R>
-HWY_INLINE void accumulate_packed(const TileStep& t, const float* p, float* acc) {
-  switch (t.v_layout->bits) {
-    case 2: accumulate_packed<R, 2>(t, p, acc); break;
-    case 3: accumulate_packed<R, 3>(t, p, acc); break;
-    default: accumulate_packed<R, 4>(t, p, acc); break;
-  }
 }
 
 template <int R>
