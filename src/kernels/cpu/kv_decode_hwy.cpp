@@ -28,7 +28,6 @@
 #include "kernels/cpu/kv_decode.h"
 #include "kernels/cpu/kv_lookup_hwy-inl.h"
 
-
 HWY_BEFORE_NAMESPACE();
 namespace kvq::simd::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
