@@ -54,7 +54,7 @@ struct DecoderScope {
   explicit DecoderScope(const DecoderPath& p) {
     set_tile_decoders(p.decoders);
     attn::pin_portable_target(p.target);
-    EXPECT_EQ(tile_decoders(64), p.decoders) << p.name;
+    EXPECT_EQ(tile_decoders(), p.decoders) << p.name;
   }
   ~DecoderScope() {
     set_tile_decoders(TileDecoders::automatic);

@@ -22,7 +22,7 @@ void set_tile_decoders(TileDecoders decoders) {
   g_decoders.store(decoders);
 }
 
-TileDecoders tile_decoders(int head_dim) {
+TileDecoders tile_decoders() {
   if (attention_scalar()) return TileDecoders::codec;
   const TileDecoders pinned = g_decoders.load(std::memory_order_relaxed);
   if (pinned != TileDecoders::automatic) return pinned;
@@ -30,13 +30,15 @@ TileDecoders tile_decoders(int head_dim) {
   if (simd_level() >= SimdLevel::avx2) return TileDecoders::avx2;
 #endif
   // Without AVX2 the decoders go with the tile kernel: portable beside the
-  // portable step, the codecs beside the scalar reference.
-  return attention_kernel_for(head_dim) == AttentionKernel::portable ? TileDecoders::portable : TileDecoders::codec;
+  // portable step, the codecs beside the scalar reference. (Below AVX2 that
+  // choice does not depend on the head size; only the AVX2 kernel's does.)
+  constexpr int kAnyHeadDim = kKvPageTokens;
+  return attention_kernel_for(kAnyHeadDim) == AttentionKernel::portable ? TileDecoders::portable : TileDecoders::codec;
 }
 
 void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst) {
   const KvCodecLayout& L = codec.layout();
-  switch (tile_decoders(L.head_dim)) {
+  switch (tile_decoders()) {
 #if defined(__x86_64__)
     case TileDecoders::avx2:
       if (simd::kv_decode_tile_avx2(L, page, head, n, dst)) return;
@@ -53,7 +55,7 @@ void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, 
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox) {
   const KvCodecLayout& L = codec.layout();
-  switch (tile_decoders(L.head_dim)) {
+  switch (tile_decoders()) {
 #if defined(__x86_64__)
     case TileDecoders::avx2: return simd::kv_decode_rotate_keys_avx2(L, page, head, n, dst, cs, half, neox);
 #endif
@@ -63,8 +65,7 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
 }
 
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
-  // The rotation does not depend on the head size; 2 * half is a lower bound of it.
-  switch (tile_decoders(2 * half)) {
+  switch (tile_decoders()) {
 #if defined(__x86_64__)
     case TileDecoders::avx2: return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
 #endif
@@ -75,7 +76,7 @@ void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) 
   }
   constexpr int T = kKvPageTokens;
   for (int i = 0; i < half; ++i) {
-    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const int a = simd::rope_channel(i, false, half, neox), b = simd::rope_channel(i, true, half, neox);
     const float* c = cs + i * T;
     const float* s = cs + (half + i) * T;
     for (int j = 0; j < n; ++j) {

@@ -44,7 +44,7 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
                            int half, bool neox);
 
 enum class TileDecoders { automatic, codec, avx2, portable };
-TileDecoders tile_decoders(int head_dim);  // the decoders that run now (never automatic)
+TileDecoders tile_decoders();  // the decoders that run now (never automatic)
 // Process-wide pin, for tests and benchmarks (automatic: the rule above);
 // set_attention_scalar(true) still wins.
 void set_tile_decoders(TileDecoders decoders);

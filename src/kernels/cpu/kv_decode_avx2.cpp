@@ -280,7 +280,7 @@ bool kv_decode_tile_avx2(const KvCodecLayout& L, const uint8_t* page, int head, 
 void kv_rotate_key_tile_avx2(float* kt, int n, const float* cs, int half, bool neox) {
   const int n8 = (n + 7) / 8 * 8;
   for (int i = 0; i < half; ++i) {
-    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
     const float* c = cs + i * T;
     const float* s = cs + (half + i) * T;
     float* xa = kt + a * T;

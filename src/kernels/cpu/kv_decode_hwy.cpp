@@ -22,8 +22,6 @@
 
 #include <hwy/highway.h>
 
-#include <cstring>
-
 #include "base/fp16.h"
 #include "kernels/cpu/kv_decode.h"
 #include "kernels/cpu/kv_lookup_hwy-inl.h"
@@ -233,7 +231,7 @@ bool RotateKeyTileHwy(float* kt, int n, const float* cs, int half, bool neox) {
   const DF df;
   const int n4 = (n + 3) / 4 * 4;
   for (int i = 0; i < half; ++i) {
-    const int a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
     const float* c = cs + i * T;
     const float* s = cs + (half + i) * T;
     float* xa = kt + a * T;
