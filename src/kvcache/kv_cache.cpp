@@ -44,6 +44,18 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   k_page_bytes_ = layers_[0].k_codec->page_bytes();
   v_page_bytes_ = layers_[0].v_codec->page_bytes();
   positions_.reserve(size_t(std::min<int64_t>(config.n_ctx, 1 << 16)));
+  // The page-relative angles (KvLayerView::rope_rel_cs), for keys rotated on reading.
+  if (!config.k_format->keys_pre_rope) return;
+  const int half = config.rope.n_rot / 2;
+  rope_rel_cs_.resize(size_t(2 * half) * kKvPageTokens);
+  std::vector<float> c(static_cast<size_t>(half)), s(c.size());
+  for (int j = 0; j < kKvPageTokens; ++j) {
+    rope_.angles(j, c.data(), s.data());
+    for (int k = 0; k < half; ++k) {
+      rope_rel_cs_[size_t(k) * kKvPageTokens + j] = c[size_t(k)];
+      rope_rel_cs_[size_t(half + k) * kKvPageTokens + j] = s[size_t(k)];
+    }
+  }
 }
 
 void KvCache::ensure_pages(int64_t n_tokens) {
@@ -95,7 +107,9 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
   // kernel can rotate 8 slots at a time without gathers.
   const size_t half = size_t(config_.rope.n_rot / 2);
   const size_t page_floats = 2 * half * kKvPageTokens;
-  rope_cs_.resize((positions_.size() + kKvPageTokens - 1) / kKvPageTokens * page_floats);
+  const size_t n_pages = (positions_.size() + kKvPageTokens - 1) / kKvPageTokens;
+  rope_cs_.resize(n_pages * page_floats);
+  if (!rope_rel_cs_.empty()) rope_page_back_.resize(n_pages * 2 * half);
   std::vector<float> c(half), s(half);
   for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i) {
     rope_.angles(positions_[i], c.data(), s.data());
@@ -103,6 +117,10 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
     for (size_t k = 0; k < half; ++k) {
       page[k * kKvPageTokens] = c[k];
       page[(half + k) * kKvPageTokens] = s[k];
+    }
+    if (i % kKvPageTokens == 0 && !rope_rel_cs_.empty()) {
+      float* back = &rope_page_back_[i / kKvPageTokens * 2 * half];
+      for (size_t k = 0; k < half; ++k) back[k] = c[k], back[half + k] = -s[k];
     }
   }
   batch_n_ = n;
@@ -155,8 +173,9 @@ void KvCache::end_batch() {
 
 void KvCache::abort_batch() {
   positions_.resize(size_t(n_tokens_));
-  rope_cs_.resize(size_t((n_tokens_ + kKvPageTokens - 1) / kKvPageTokens) * size_t(config_.rope.n_rot / 2) * 2 *
-                  kKvPageTokens);
+  const size_t n_pages = size_t((n_tokens_ + kKvPageTokens - 1) / kKvPageTokens);
+  rope_cs_.resize(n_pages * size_t(config_.rope.n_rot) * kKvPageTokens);
+  if (!rope_rel_cs_.empty()) rope_page_back_.resize(n_pages * size_t(config_.rope.n_rot));
   for (auto& layer : layers_) layer.stored = n_tokens_;
   batch_n_ = 0;
 }
@@ -175,6 +194,8 @@ KvLayerView KvCache::view(int layer_index) const {
   v.positions = positions_.data();
   v.rope = &rope_;
   v.rope_cs = rope_cs_.data();
+  v.rope_rel_cs = rope_rel_cs_.data();
+  v.rope_page_back = rope_page_back_.data();
   v.sink_tokens = int(std::min<int64_t>(config_.sink_tokens, config_.n_ctx));
   v.sink_k = layer.sink_k.data();
   v.sink_v = layer.sink_v.data();
@@ -192,8 +213,23 @@ void KvCache::clear() {
   window_first_ = 0;
   positions_.clear();
   rope_cs_.clear();
+  rope_page_back_.clear();
   for (auto& layer : layers_) layer.stored = 0;
 }
+
+namespace {
+
+// Positions and RoPE angles held for n tokens: per token its position and
+// angles; for pre-RoPE keys also per page the angles of its first position and
+// the page-relative table (the per-token table's padding to a whole page is
+// not counted).
+uint64_t angle_table_bytes(const KvCacheConfig& c, int64_t n_tokens) {
+  const uint64_t pages = uint64_t((n_tokens + kKvPageTokens - 1) / kKvPageTokens), n_rot = uint64_t(c.rope.n_rot);
+  const uint64_t relative = c.k_format->keys_pre_rope ? (pages + kKvPageTokens) * n_rot * sizeof(float) : 0;
+  return uint64_t(n_tokens) * (sizeof(int32_t) + n_rot * sizeof(float)) + relative;
+}
+
+}  // namespace
 
 KvMemory KvCache::memory_for(const KvCacheConfig& c, int64_t n_tokens, int64_t max_batch) {
   const KvGeometry g{c.n_kv_heads, c.head_dim};
@@ -215,7 +251,7 @@ KvMemory KvCache::memory_for(const KvCacheConfig& c, int64_t n_tokens, int64_t m
   m.outliers = layers * pages * (kp.outliers + vp.outliers);
   m.full_precision = layers * 2 * side;
   m.calibration = layers * (kc->fixed_bytes() + vc->fixed_bytes());
-  m.positions = uint64_t(n_tokens) * (sizeof(int32_t) + uint64_t(c.rope.n_rot / 2) * 2 * sizeof(float));
+  m.positions = angle_table_bytes(c, n_tokens);
   m.k = layers * (pages * kp.total() + side + kc->fixed_bytes());
   m.v = layers * (pages * vp.total() + side + vc->fixed_bytes());
   return m;
@@ -236,9 +272,7 @@ KvMemory KvCache::memory() const {
     m.k += pages * kp.total() + k_side + l.k_codec->fixed_bytes();
     m.v += pages * vp.total() + v_side + l.v_codec->fixed_bytes();
   }
-  // Per token held (the angle table's padding to a whole page is not counted,
-  // as memory_for() does not).
-  m.positions = uint64_t(positions_.size()) * (sizeof(int32_t) + uint64_t(config_.rope.n_rot / 2) * 2 * sizeof(float));
+  m.positions = angle_table_bytes(config_, int64_t(positions_.size()));
   return m;
 }
 
@@ -296,24 +330,23 @@ static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, flo
   }
 }
 
-void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from) const {
+void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, bool page_relative) const {
   const int n = page_tokens(p);
+  const RopeSpec& spec = rope->spec();
+  const int half = spec.n_rot / 2;
+  KVQ_ASSERT(!page_relative || page_consecutive(p));
+  const float* cs = page_relative ? rope_rel_cs : rope_cs + p * 2 * half * kKvPageTokens;
   if (keys_pre_rope && all_quantized(p, fp_from)) {
     // No full-precision slot in this page: decode and rotate in one pass where
     // the format has a fused kernel.
-    const RopeSpec& spec = rope->spec();
-    const int half = spec.n_rot / 2;
-    if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, rope_cs + p * 2 * half * kKvPageTokens, half, spec.neox))
-      return;
+    if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, cs, half, spec.neox)) return;
   }
   kv_decode_tile(*k_codec, pages[p], head, n, kt);
   patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;
   // Rotate each decoded key at its own position (the tile is channel-major),
   // with the angles the cache computed once when the token arrived.
-  const RopeSpec& spec = rope->spec();
-  const int half = spec.n_rot / 2;
-  kv_rotate_key_tile(kt, n, rope_cs + p * 2 * half * kKvPageTokens, half, spec.neox);
+  kv_rotate_key_tile(kt, n, cs, half, spec.neox);
 }
 
 void KvLayerView::decode_values(int64_t p, int head, float* v, int64_t fp_from) const {

@@ -52,6 +52,16 @@ struct KvLayerView {
   // kKvPageTokens floats, cos of pair i at rope_cs[(p*n_rot + i)*64 + j], its
   // sin n_rot/2 rows further (whole pages: slots past n_tokens hold zeros or stale angles).
   const float* rope_cs;
+  // Page-relative angles. Slot j of a page whose positions run p0, p0+1, ...
+  // sits at angle (p0 + j) w, so q . R(p0 + j) k = (R(-p0) q) . (R(j) k): a
+  // caller that turns its queries back by the page's first position can rotate
+  // every page's keys with one table of the offsets 0..63 (rope_rel_cs, laid
+  // out as one page of rope_cs). That table stays in cache; each page's own
+  // (16 KiB for 64 rotated dims) is read from memory again for every head.
+  // rope_page_back[p * n_rot + i]: cos of pair i at page p's first position,
+  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back).
+  const float* rope_rel_cs;
+  const float* rope_page_back;
   // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
   // in the format's domain (unrotated for pre-RoPE formats).
   int sink_tokens;                  // slots [0, sink_tokens) come from sink_k / sink_v
@@ -69,9 +79,17 @@ struct KvLayerView {
   int64_t window_from(int32_t pos) const;
   // Decoded tiles of page p for one head (see KvCodec::decode for the layouts):
   // codes decoded, sink slots and window slots >= fp_from patched from the side
-  // stores, then (keys of a pre-RoPE format) rotated at each slot's position.
-  void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow) const;
+  // stores, then (keys of a pre-RoPE format) rotated at each slot's position,
+  // or with page_relative (only where page_consecutive(p)) at its offset in
+  // the page alone (see rope_rel_cs).
+  void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow, bool page_relative = false) const;
   void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
+  // Page p's positions run consecutively (positions increase, so the span
+  // decides): its keys can be rotated relative to the page (rope_rel_cs).
+  bool page_consecutive(int64_t p) const {
+    const int64_t first = p * kKvPageTokens, n = page_tokens(p);
+    return int64_t(positions[first + n - 1]) - positions[first] == n - 1;
+  }
   // No slot of page p is served from the sink or (from fp_from on) the window
   // store: every one is read from the page's codes.
   bool all_quantized(int64_t p, int64_t fp_from = kKvNoWindow) const {
@@ -88,7 +106,7 @@ struct KvMemory {
   uint64_t outliers = 0;        // sparse outlier slots
   uint64_t full_precision = 0;  // sink and recent-window side stores
   uint64_t calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
-  uint64_t positions = 0;       // per token, shared by the layers: position and RoPE angles
+  uint64_t positions = 0;       // shared by the layers: positions and RoPE angle tables
   uint64_t total() const { return k + v + positions; }
 };
 
@@ -149,6 +167,8 @@ class KvCache {
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;
   std::vector<float> rope_cs_;  // RoPE angles per page, transposed (KvLayerView::rope_cs), computed once per token
+  std::vector<float> rope_rel_cs_;     // KvLayerView::rope_rel_cs
+  std::vector<float> rope_page_back_;  // KvLayerView::rope_page_back
   std::vector<float> slot_cs_;  // scratch: one slot's cos then sin
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;

@@ -337,6 +337,9 @@ def test_info_json(model):
     assert kv["f16"]["bytes"] == kv["f16"]["bytes_k"] + kv["f16"]["bytes_v"] + kv["f16"]["bytes_positions"]
     # A KVQuant preset holds codes, outliers, scales, one sink token and constants.
     q = kv["nuq4-1%"]
+    # Pre-RoPE keys also hold the angles of each page's first position and one
+    # page of offsets (rotation relative to the page).
+    assert q["bytes_positions"] == ctx * (4 + hp["n_rot"] * 4) + (ctx // 64 + 64) * hp["n_rot"] * 4
     assert q["sink_tokens"] == 1 and q["bytes_outliers"] > 0 and q["bytes_full_precision"] > 0
     assert q["bytes"] == (q["bytes_codes"] + q["bytes_scales"] + q["bytes_outliers"] + q["bytes_full_precision"]
                           + q["bytes_calibration"] + q["bytes_positions"])

@@ -119,9 +119,15 @@ TileStepFn tile_step_of(AttentionKernel kernel) {
 }
 
 constexpr int kPackedValuesMaxRows = 6;  // two 3-row blocks of the tile step
+// Pre-RoPE keys are rotated relative to their page (KvLayerView::rope_rel_cs)
+// for blocks of up to this many query rows (decode and short batches): turning
+// those rows back by each page's first angle costs less than reading the page's
+// own angle table, 4x the bytes of a 4-bit page, for every head. Prefill's
+// larger blocks share each table read over 4x the rows.
+constexpr int kRelativeRopeMaxRows = 24;
 
 struct Scratch {
-  std::vector<float> q, kt, v, s, acc, m, l;
+  std::vector<float> q, q_page, kt, v, s, acc, m, l;
   std::vector<int32_t> row_pos;
 };
 
@@ -164,6 +170,9 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const AttentionKernel kernel = attention_kernel_for(hd, packed_layout && rows_max <= kPackedValuesMaxRows);
   const auto tile_step = tile_step_of(kernel);
   const bool packed_values = kernel != AttentionKernel::scalar && packed_layout;
+  // (The scalar reference keeps rotating each key at its own position.)
+  const bool relative_rope = kernel != AttentionKernel::scalar && kv.keys_pre_rope && rows_max <= kRelativeRopeMaxRows;
+  const int half_rot = kv.rope ? kv.rope->spec().n_rot / 2 : 0;
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
@@ -174,6 +183,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   pool.run([&](int, int) {
     thread_local Scratch sc;
     sc.q.resize(size_t(task_rows) * hd);
+    sc.q_page.resize(size_t(rows_max) * hd);
     sc.kt.resize(size_t(hd) * kTile);
     sc.v.resize(size_t(hd) * kTile);
     sc.s.resize(size_t(rows_max) * kTile);
@@ -212,12 +222,20 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
         if (kv.positions[p * kTile] > max_pos) break;  // positions increase: nothing visible beyond
         const int n = int(std::min<int64_t>(kTile, kv.n_tokens - p * kTile));
         const int64_t s0 = p * kTile, s1 = s0 + n;
+        const bool relative = relative_rope && kv.page_consecutive(p);
         for (int hh = 0; hh < heads_per_task; ++hh) {
           const int kvh = h0 + hh;
           const int64_t hr = int64_t(hh) * rows_max;
+          const float* q = sc.q.data() + hr * hd;
+          if (relative) {  // the rows turned back by the page's first angle
+            const float* back = kv.rope_page_back + p * 2 * half_rot;
+            std::copy_n(q, size_t(rows) * hd, sc.q_page.data());
+            for (int r = 0; r < rows; ++r) kv.rope->rotate(sc.q_page.data() + int64_t(r) * hd, back, back + half_rot);
+            q = sc.q_page.data();
+          }
           if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
-            kv.decode_keys(p, kvh, sc.kt.data(), fp_all);
-            attn::TileStep ts{sc.q.data() + hr * hd, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+            kv.decode_keys(p, kvh, sc.kt.data(), fp_all, relative);
+            attn::TileStep ts{q, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
                               sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()};
             // Values accumulated straight from the packed codes redo the lookups
             // for every 3 query rows: that pays for a few rows (decode); more
@@ -236,9 +254,9 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t fp = kv.window_from(a.q_pos[t]);
             const int64_t r0 = (t - t0) * group;
-            kv.decode_keys(p, kvh, sc.kt.data(), fp);
+            kv.decode_keys(p, kvh, sc.kt.data(), fp, relative);
             kv.decode_values(p, kvh, sc.v.data(), fp);
-            tile_step({sc.q.data() + (hr + r0) * hd, group, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
+            tile_step({q + r0 * hd, group, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
                        sc.row_pos.data() + r0, sc.m.data() + hr + r0, sc.l.data() + hr + r0,
                        sc.acc.data() + (hr + r0) * hd, sc.s.data()});
           }
