@@ -118,6 +118,10 @@ struct Case {
   std::string fmt = "f32";
   int32_t pos0 = 0;      // position of the first cached token
   int32_t pos_step = 1;  // positions pos0, pos0 + step, ...
+  int64_t jump_at = -1;  // tokens from jump_at on sit `jump` positions further
+  int32_t jump = 0;
+  bool neox = false;     // RoPE pairing
+  int n_rot = 0;         // rotated dims; 0: all
   uint32_t seed = 1;
   float q_amp = 1.0f, k_amp = 1.0f, v_amp = 1.0f;
   bool zero_q = false;
@@ -127,7 +131,8 @@ struct Case {
     return "n_tokens=" + std::to_string(n_tokens) + " n_q=" + std::to_string(n_q) +
            " group=" + std::to_string(group) + " n_kv=" + std::to_string(n_kv) + " hd=" + std::to_string(hd) +
            " threads=" + std::to_string(threads) + " fmt=" + fmt + " pos0=" + std::to_string(pos0) +
-           " step=" + std::to_string(pos_step) + " seed=" + std::to_string(seed);
+           " step=" + std::to_string(pos_step) + " jump_at=" + std::to_string(jump_at) +
+           " neox=" + std::to_string(neox) + " n_rot=" + std::to_string(n_rot) + " seed=" + std::to_string(seed);
   }
 };
 
@@ -154,7 +159,8 @@ struct AttnSetup {
     cfg.k_format = &kv_format(c.fmt);
     cfg.v_format = &kv_format(c.fmt);
     cfg.rope.head_dim = c.hd;
-    cfg.rope.n_rot = c.hd;
+    cfg.rope.n_rot = c.n_rot ? c.n_rot : c.hd;
+    cfg.rope.neox = c.neox;
     const KvFormat& f = kv_format(c.fmt);
     if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
       // Bounds a little inside the data (so 1% formats find outliers) and a
@@ -181,7 +187,8 @@ struct AttnSetup {
     if (keys) k = *keys;
     if (vals) v = *vals;
     std::vector<int32_t> pos(size_t(c.n_tokens));
-    for (int64_t i = 0; i < c.n_tokens; ++i) pos[size_t(i)] = c.pos0 + int32_t(i) * c.pos_step;
+    for (int64_t i = 0; i < c.n_tokens; ++i)
+      pos[size_t(i)] = c.pos0 + int32_t(i) * c.pos_step + (c.jump_at >= 0 && i >= c.jump_at ? c.jump : 0);
 
     const int64_t n_old = c.n_tokens - c.n_q;
     if (n_old > 0) {
@@ -412,6 +419,36 @@ TEST(Attention, MatchesReferenceWithGappedPositions) {
     c.seed = 77;
     check_case(c);
   }
+}
+
+// Pre-RoPE keys in decode and short batches are rotated relative to their page
+// and the queries turned back by each page's first angle (attention.cpp); the
+// oracle rotates every key at its own position. Both pairings, part of the head
+// rotated, far positions, and a page whose positions jump (rotated at its own
+// angles) among pages that run consecutively.
+TEST(Attention, PageRelativeRopeMatchesReference) {
+  int k = 0;
+  for (const char* fmt : {"nuq4-1%", "int3-ch", "nuq8"})
+    for (bool neox : {false, true})
+      for (int n_rot : {32, 16})
+        for (int64_t jump_at : {int64_t(-1), int64_t(150)})
+          for (int64_t nq : {1, 5}) {
+            Case c;
+            c.n_tokens = 300;
+            c.n_q = nq;
+            c.group = 3;
+            c.n_kv = 2;
+            c.hd = 32;
+            c.threads = 2;
+            c.fmt = fmt;
+            c.neox = neox;
+            c.n_rot = n_rot;
+            c.pos0 = jump_at < 0 ? 70000 : 5;
+            c.jump_at = jump_at;
+            c.jump = 1000;
+            c.seed = uint32_t(1300 + k++);
+            check_case(c);
+          }
 }
 
 // Large scores (|score| up to ~80 and beyond): exp overflow/underflow handling
