@@ -89,12 +89,12 @@ TEST(Attention, PortableKernelRunsEveryTargetOfThisCpu) {
   EXPECT_TRUE(names.find("EMU128") != std::string::npos || names.find("SCALAR") != std::string::npos)
       << "no portable baseline among" << names;
 #if defined(__x86_64__)
-  if (detected_simd_level() >= SimdLevel::avx2) EXPECT_NE(names.find("AVX2"), std::string::npos) << names;
+  if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_NE(names.find("AVX2"), std::string::npos) << names; }
   // Automatic choice: the hand-written kernel on AVX2 CPUs, Highway's AVX-512
   // target on AVX-512 CPUs, the portable kernel for head sizes AVX2's cannot take.
-  if (detected_simd_level() == SimdLevel::avx2) EXPECT_EQ(attention_kernel_name(64), "avx2");
-  if (detected_simd_level() == SimdLevel::avx512) EXPECT_EQ(attention_kernel_name(64).rfind("portable/AVX3", 0), 0u);
-  if (detected_simd_level() >= SimdLevel::avx2) EXPECT_EQ(attention_kernel_name(20).rfind("portable/", 0), 0u);
+  if (detected_simd_level() == SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(64), "avx2"); }
+  if (detected_simd_level() == SimdLevel::avx512) { EXPECT_EQ(attention_kernel_name(64).rfind("portable/AVX3", 0), 0u); }
+  if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(20).rfind("portable/", 0), 0u); }
 #endif
   set_simd_level(SimdLevel::scalar);
   // Lowered to scalar on a SIMD CPU: the reference (a CPU without AVX2 runs the portable kernel).
