@@ -334,7 +334,7 @@ void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, b
   const int n = page_tokens(p);
   const RopeSpec& spec = rope->spec();
   const int half = spec.n_rot / 2;
-  KVQ_ASSERT(!page_relative || page_consecutive(p));
+  KVQ_ASSERT(!page_relative || (keys_pre_rope && page_consecutive(p)));
   const float* cs = page_relative ? rope_rel_cs : rope_cs + p * 2 * half * kKvPageTokens;
   if (keys_pre_rope && all_quantized(p, fp_from)) {
     // No full-precision slot in this page: decode and rotate in one pass where
