@@ -10,6 +10,19 @@
 
 namespace kvq {
 
+namespace {
+
+// Slot j's cos and sin (half each) into one page of a page-transposed angle
+// table (KvLayerView::rope_cs).
+void put_slot_angles(float* page, size_t j, const float* c, const float* s, size_t half) {
+  for (size_t k = 0; k < half; ++k) {
+    page[k * kKvPageTokens + j] = c[k];
+    page[(half + k) * kKvPageTokens + j] = s[k];
+  }
+}
+
+}  // namespace
+
 KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   if (!config.k_format || !config.v_format) fail("KV cache: no format given");
   if (config.n_layers <= 0 || config.n_kv_heads <= 0 || config.head_dim <= 0 || config.n_ctx <= 0)
@@ -51,10 +64,7 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   std::vector<float> c(static_cast<size_t>(half)), s(c.size());
   for (int j = 0; j < kKvPageTokens; ++j) {
     rope_.angles(j, c.data(), s.data());
-    for (int k = 0; k < half; ++k) {
-      rope_rel_cs_[size_t(k) * kKvPageTokens + j] = c[size_t(k)];
-      rope_rel_cs_[size_t(half + k) * kKvPageTokens + j] = s[size_t(k)];
-    }
+    put_slot_angles(rope_rel_cs_.data(), size_t(j), c.data(), s.data(), size_t(half));
   }
 }
 
@@ -109,16 +119,13 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
   const size_t page_floats = 2 * half * kKvPageTokens;
   const size_t n_pages = (positions_.size() + kKvPageTokens - 1) / kKvPageTokens;
   rope_cs_.resize(n_pages * page_floats);
-  if (!rope_rel_cs_.empty()) rope_page_back_.resize(n_pages * 2 * half);
+  const bool pre_rope = config_.k_format->keys_pre_rope;
+  if (pre_rope) rope_page_back_.resize(n_pages * 2 * half);
   std::vector<float> c(half), s(half);
   for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i) {
     rope_.angles(positions_[i], c.data(), s.data());
-    float* page = &rope_cs_[i / kKvPageTokens * page_floats + i % kKvPageTokens];
-    for (size_t k = 0; k < half; ++k) {
-      page[k * kKvPageTokens] = c[k];
-      page[(half + k) * kKvPageTokens] = s[k];
-    }
-    if (i % kKvPageTokens == 0 && !rope_rel_cs_.empty()) {
+    put_slot_angles(&rope_cs_[i / kKvPageTokens * page_floats], i % kKvPageTokens, c.data(), s.data(), half);
+    if (i % kKvPageTokens == 0 && pre_rope) {
       float* back = &rope_page_back_[i / kKvPageTokens * 2 * half];
       for (size_t k = 0; k < half; ++k) back[k] = c[k], back[half + k] = -s[k];
     }
@@ -175,7 +182,7 @@ void KvCache::abort_batch() {
   positions_.resize(size_t(n_tokens_));
   const size_t n_pages = size_t((n_tokens_ + kKvPageTokens - 1) / kKvPageTokens);
   rope_cs_.resize(n_pages * size_t(config_.rope.n_rot) * kKvPageTokens);
-  if (!rope_rel_cs_.empty()) rope_page_back_.resize(n_pages * size_t(config_.rope.n_rot));
+  if (config_.k_format->keys_pre_rope) rope_page_back_.resize(n_pages * size_t(config_.rope.n_rot));
   for (auto& layer : layers_) layer.stored = n_tokens_;
   batch_n_ = 0;
 }

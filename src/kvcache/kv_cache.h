@@ -59,7 +59,8 @@ struct KvLayerView {
   // out as one page of rope_cs). That table stays in cache; each page's own
   // (16 KiB for 64 rotated dims) is read from memory again for every head.
   // rope_page_back[p * n_rot + i]: cos of pair i at page p's first position,
-  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back).
+  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back);
+  // slot 0's column of rope_cs, kept contiguous (that column spans n_rot lines).
   const float* rope_rel_cs;
   const float* rope_page_back;
   // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
