@@ -13,7 +13,7 @@ namespace kvq {
 namespace {
 
 // Slot j's cos and sin (half each) into one page of a page-transposed angle
-// table (KvLayerView::rope_cs).
+// table (KvLayerView::rope_rel_cs's layout).
 void put_slot_angles(float* page, size_t j, const float* c, const float* s, size_t half) {
   for (size_t k = 0; k < half; ++k) {
     page[k * kKvPageTokens + j] = c[k];
@@ -113,22 +113,25 @@ void KvCache::begin_batch(std::span<const int32_t> positions) {
   ensure_pages(n_tokens_ + n);
   ensure_window(n);
   positions_.insert(positions_.end(), positions.begin(), positions.end());
-  // Angles page-transposed (see KvLayerView::rope_cs): whole pages, so a fast
-  // kernel can rotate 8 slots at a time without gathers.
   const size_t half = size_t(config_.rope.n_rot / 2);
-  const size_t page_floats = 2 * half * kKvPageTokens;
-  const size_t n_pages = (positions_.size() + kKvPageTokens - 1) / kKvPageTokens;
-  rope_cs_.resize(n_pages * page_floats);
-  const bool pre_rope = config_.k_format->keys_pre_rope;
-  if (pre_rope) rope_page_back_.resize(n_pages * 2 * half);
-  std::vector<float> c(half), s(half);
-  for (size_t i = positions_.size() - size_t(n); i < positions_.size(); ++i) {
-    rope_.angles(positions_[i], c.data(), s.data());
-    put_slot_angles(&rope_cs_[i / kKvPageTokens * page_floats], i % kKvPageTokens, c.data(), s.data(), half);
-    if (i % kKvPageTokens == 0 && pre_rope) {
+  const size_t first_new = positions_.size() - size_t(n);
+  if (config_.k_format->keys_pre_rope) {
+    // Each new page's first angle, turned back (KvLayerView::rope_page_back).
+    const size_t n_pages = (positions_.size() + kKvPageTokens - 1) / kKvPageTokens;
+    rope_page_back_.resize(n_pages * 2 * half);
+    for (size_t i = (first_new + kKvPageTokens - 1) / kKvPageTokens * kKvPageTokens; i < positions_.size();
+         i += kKvPageTokens) {
       float* back = &rope_page_back_[i / kKvPageTokens * 2 * half];
-      for (size_t k = 0; k < half; ++k) back[k] = c[k], back[half + k] = -s[k];
+      rope_.angles(positions_[i], back, back + half);
+      for (size_t k = 0; k < half; ++k) back[half + k] = -back[half + k];
     }
+  } else {
+    // Post-RoPE formats rotate keys on the way in: the batch's angles, once
+    // for every layer's store().
+    batch_cs_.resize(size_t(n) * 2 * half);
+    for (int64_t i = 0; i < n; ++i)
+      rope_.angles(positions_[first_new + size_t(i)], &batch_cs_[size_t(i) * 2 * half],
+                   &batch_cs_[size_t(i) * 2 * half + half]);
   }
   batch_n_ = n;
 }
@@ -149,11 +152,8 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
     if (rotate) {  // post-RoPE format: rotate on the way in
       std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
       const size_t half = size_t(config_.rope.n_rot / 2);
-      const float* cs = &rope_cs_[size_t(slot) / kKvPageTokens * 2 * half * kKvPageTokens + size_t(slot) % kKvPageTokens];
-      slot_cs_.resize(2 * half);
-      for (size_t k = 0; k < 2 * half; ++k) slot_cs_[k] = cs[k * kKvPageTokens];
-      for (int h = 0; h < config_.n_kv_heads; ++h)
-        rope_.rotate(rotated_.data() + h * config_.head_dim, slot_cs_.data(), slot_cs_.data() + half);
+      const float* cs = &batch_cs_[size_t(i) * 2 * half];
+      for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(rotated_.data() + h * config_.head_dim, cs, cs + half);
       krow = rotated_.data();
     }
     const float* vrow = v + i * row;
@@ -181,7 +181,6 @@ void KvCache::end_batch() {
 void KvCache::abort_batch() {
   positions_.resize(size_t(n_tokens_));
   const size_t n_pages = size_t((n_tokens_ + kKvPageTokens - 1) / kKvPageTokens);
-  rope_cs_.resize(n_pages * size_t(config_.rope.n_rot) * kKvPageTokens);
   if (config_.k_format->keys_pre_rope) rope_page_back_.resize(n_pages * size_t(config_.rope.n_rot));
   for (auto& layer : layers_) layer.stored = n_tokens_;
   batch_n_ = 0;
@@ -200,7 +199,6 @@ KvLayerView KvCache::view(int layer_index) const {
   v.v_offset = k_page_bytes_;
   v.positions = positions_.data();
   v.rope = &rope_;
-  v.rope_cs = rope_cs_.data();
   v.rope_rel_cs = rope_rel_cs_.data();
   v.rope_page_back = rope_page_back_.data();
   v.sink_tokens = int(std::min<int64_t>(config_.sink_tokens, config_.n_ctx));
@@ -219,21 +217,19 @@ void KvCache::clear() {
   n_tokens_ = 0;
   window_first_ = 0;
   positions_.clear();
-  rope_cs_.clear();
   rope_page_back_.clear();
   for (auto& layer : layers_) layer.stored = 0;
 }
 
 namespace {
 
-// Positions and RoPE angles held for n tokens: per token its position and
-// angles; for pre-RoPE keys also per page the angles of its first position and
-// the page-relative table (the per-token table's padding to a whole page is
-// not counted).
+// Positions and RoPE angles held for n tokens: per token its position; for
+// pre-RoPE keys also per page the angles of its first position, and the table
+// of the offsets in a page (KvLayerView::rope_rel_cs).
 uint64_t angle_table_bytes(const KvCacheConfig& c, int64_t n_tokens) {
   const uint64_t pages = uint64_t((n_tokens + kKvPageTokens - 1) / kKvPageTokens), n_rot = uint64_t(c.rope.n_rot);
-  const uint64_t relative = c.k_format->keys_pre_rope ? (pages + kKvPageTokens) * n_rot * sizeof(float) : 0;
-  return uint64_t(n_tokens) * (sizeof(int32_t) + n_rot * sizeof(float)) + relative;
+  const uint64_t angles = c.k_format->keys_pre_rope ? (pages + kKvPageTokens) * n_rot * sizeof(float) : 0;
+  return uint64_t(n_tokens) * sizeof(int32_t) + angles;
 }
 
 }  // namespace
@@ -337,22 +333,56 @@ static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, flo
   }
 }
 
+void KvLayerView::page_angles(int64_t p, float* cs) const {
+  const int half = rope->spec().n_rot / 2;
+  constexpr int T = kKvPageTokens;
+  if (page_consecutive(p)) {
+    const float* back = rope_page_back + p * 2 * half;  // cos, -sin of the first position
+    for (int k = 0; k < half; ++k) {
+      const float c0 = back[k], s0 = -back[half + k];
+      const float *rc = rope_rel_cs + k * T, *rs = rope_rel_cs + (half + k) * T;
+      float *oc = cs + k * T, *os = cs + (half + k) * T;
+      for (int j = 0; j < T; ++j) {
+        oc[j] = c0 * rc[j] - s0 * rs[j];
+        os[j] = s0 * rc[j] + c0 * rs[j];
+      }
+    }
+    return;
+  }
+  const int n = page_tokens(p);
+  std::vector<float> c(static_cast<size_t>(half)), s(c.size());
+  std::fill_n(cs, size_t(2 * half) * T, 0.0f);
+  for (int j = 0; j < n; ++j) {
+    rope->angles(positions[p * T + j], c.data(), s.data());
+    put_slot_angles(cs, size_t(j), c.data(), s.data(), size_t(half));
+  }
+}
+
 void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, bool page_relative) const {
   const int n = page_tokens(p);
   const RopeSpec& spec = rope->spec();
   const int half = spec.n_rot / 2;
   KVQ_ASSERT(!page_relative || (keys_pre_rope && page_consecutive(p)));
-  const float* cs = page_relative ? rope_rel_cs : rope_cs + p * 2 * half * kKvPageTokens;
-  if (keys_pre_rope && all_quantized(p, fp_from)) {
-    // No full-precision slot in this page: decode and rotate in one pass where
-    // the format has a fused kernel.
-    if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, cs, half, spec.neox)) return;
+  const float* cs = nullptr;
+  if (keys_pre_rope) {
+    if (page_relative) {
+      cs = rope_rel_cs;
+    } else {
+      thread_local std::vector<float> absolute;
+      absolute.resize(size_t(2 * half) * kKvPageTokens);
+      page_angles(p, absolute.data());
+      cs = absolute.data();
+    }
+    if (all_quantized(p, fp_from)) {
+      // No full-precision slot in this page: decode and rotate in one pass
+      // where the format has a fused kernel.
+      if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, cs, half, spec.neox)) return;
+    }
   }
   kv_decode_tile(*k_codec, pages[p], head, n, kt);
   patch_full_precision(*this, p, head, kt, true, fp_from);
   if (!keys_pre_rope) return;
-  // Rotate each decoded key at its own position (the tile is channel-major),
-  // with the angles the cache computed once when the token arrived.
+  // Rotate each decoded key at its own position (the tile is channel-major).
   kv_rotate_key_tile(kt, n, cs, half, spec.neox);
 }
 

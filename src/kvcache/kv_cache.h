@@ -48,19 +48,16 @@ struct KvLayerView {
   uint64_t v_offset;                // where values start within a page
   const int32_t* positions;         // position of each slot (increasing)
   const Rope* rope;
-  // RoPE angles, page-transposed: page p holds 2 * n_rot/2 rows of
-  // kKvPageTokens floats, cos of pair i at rope_cs[(p*n_rot + i)*64 + j], its
-  // sin n_rot/2 rows further (whole pages: slots past n_tokens hold zeros or stale angles).
-  const float* rope_cs;
-  // Page-relative angles. Slot j of a page whose positions run p0, p0+1, ...
-  // sits at angle (p0 + j) w, so q . R(p0 + j) k = (R(-p0) q) . (R(j) k): a
-  // caller that turns its queries back by the page's first position can rotate
-  // every page's keys with one table of the offsets 0..63 (rope_rel_cs, laid
-  // out as one page of rope_cs). That table stays in cache; each page's own
-  // (16 KiB for 64 rotated dims) is read from memory again for every head.
+  // RoPE angles of pre-RoPE keys (post-RoPE formats rotated them on the way
+  // in). No per-token table is kept: slot j of a page whose positions run p0,
+  // p0+1, ... sits at angle (p0 + j) w, so q . R(p0 + j) k = (R(-p0) q) . (R(j) k).
+  // rope_rel_cs: the angles of the offsets 0..63, page-transposed (n_rot/2 rows
+  // of 64 cosines, then n_rot/2 rows of 64 sines), shared by every page: a
+  // caller that turns its queries back by the page's first position rotates
+  // every page's keys with it, and it stays in cache.
   // rope_page_back[p * n_rot + i]: cos of pair i at page p's first position,
-  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back);
-  // slot 0's column of rope_cs, kept contiguous (that column spans n_rot lines).
+  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back).
+  // Absolute angles of a page are composed from the two (page_angles).
   const float* rope_rel_cs;
   const float* rope_page_back;
   // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
@@ -85,6 +82,13 @@ struct KvLayerView {
   // the page alone (see rope_rel_cs).
   void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow, bool page_relative = false) const;
   void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
+  // Page p's absolute angles in rope_rel_cs's layout, written to `cs` (n_rot x
+  // 64 floats): composed from the page's first angle and the offsets' angles
+  // where its positions run consecutively (cos(a+b) = cos a cos b - sin a sin b,
+  // within a few float roundings of computing them at each position), computed
+  // at each slot's position where they jump (then slots past the page's
+  // tokens hold zeros).
+  void page_angles(int64_t p, float* cs) const;
   // Page p's positions run consecutively (positions increase, so the span
   // decides): its keys can be rotated relative to the page (rope_rel_cs).
   bool page_consecutive(int64_t p) const {
@@ -107,7 +111,7 @@ struct KvMemory {
   uint64_t outliers = 0;        // sparse outlier slots
   uint64_t full_precision = 0;  // sink and recent-window side stores
   uint64_t calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
-  uint64_t positions = 0;       // shared by the layers: positions and RoPE angle tables
+  uint64_t positions = 0;       // shared by the layers: positions (and pre-RoPE keys' per-page angles)
   uint64_t total() const { return k + v + positions; }
 };
 
@@ -167,10 +171,9 @@ class KvCache {
   };
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;
-  std::vector<float> rope_cs_;  // RoPE angles per page, transposed (KvLayerView::rope_cs), computed once per token
-  std::vector<float> rope_rel_cs_;     // KvLayerView::rope_rel_cs
-  std::vector<float> rope_page_back_;  // KvLayerView::rope_page_back
-  std::vector<float> slot_cs_;  // scratch: one slot's cos then sin
+  std::vector<float> rope_rel_cs_;     // KvLayerView::rope_rel_cs (pre-RoPE formats)
+  std::vector<float> rope_page_back_;  // KvLayerView::rope_page_back (pre-RoPE formats)
+  std::vector<float> batch_cs_;  // scratch (post-RoPE formats): the batch's angles, per token cos then sin
   int64_t n_tokens_ = 0;
   int64_t batch_n_ = 0;
   int64_t window_capacity_ = 0;

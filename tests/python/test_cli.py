@@ -329,17 +329,18 @@ def test_info_json(model):
     kv = {f["type"]: f for f in out["kv_cache"]["formats"]}
     assert "f16" in kv and "f32" in kv
     ctx = out["kv_cache"]["ctx"]
-    # Bytes as allocated: whole 64-token pages of K and V, plus the per-token
-    # position and RoPE angles (int32 + n_rot/2 cos and sin floats) shared by the layers.
+    # Bytes as allocated: whole 64-token pages of K and V, plus each token's
+    # position (int32) shared by the layers; a post-RoPE format (f16) keeps no
+    # angles (keys are rotated on the way in).
     assert ctx % 64 == 0
     assert kv["f16"]["bytes_k"] == kv["f16"]["bytes_v"] == 16 * 30 * 3 * hp["head_dim"] * ctx // 8
-    assert kv["f16"]["bytes_positions"] == ctx * (4 + hp["n_rot"] // 2 * 2 * 4)
+    assert kv["f16"]["bytes_positions"] == ctx * 4
     assert kv["f16"]["bytes"] == kv["f16"]["bytes_k"] + kv["f16"]["bytes_v"] + kv["f16"]["bytes_positions"]
     # A KVQuant preset holds codes, outliers, scales, one sink token and constants.
     q = kv["nuq4-1%"]
-    # Pre-RoPE keys also hold the angles of each page's first position and one
-    # page of offsets (rotation relative to the page).
-    assert q["bytes_positions"] == ctx * (4 + hp["n_rot"] * 4) + (ctx // 64 + 64) * hp["n_rot"] * 4
+    # Pre-RoPE keys also hold the angles (n_rot/2 cos and sin floats) of each
+    # page's first position and of the 64 offsets in a page, no per-token table.
+    assert q["bytes_positions"] == ctx * 4 + (ctx // 64 + 64) * hp["n_rot"] * 4
     assert q["sink_tokens"] == 1 and q["bytes_outliers"] > 0 and q["bytes_full_precision"] > 0
     assert q["bytes"] == (q["bytes_codes"] + q["bytes_scales"] + q["bytes_outliers"] + q["bytes_full_precision"]
                           + q["bytes_calibration"] + q["bytes_positions"])

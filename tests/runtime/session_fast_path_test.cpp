@@ -42,8 +42,10 @@ struct ScalarAttention {
 
 // log p(token[i + 1] | tokens[0..i]) for every i: prefill in chunks, then decode.
 std::vector<double> next_token_logprobs(const std::shared_ptr<const Model>& model, const std::string& fmt,
-                                        const std::vector<int32_t>& tokens, int64_t n_prompt) {
+                                        const std::vector<int32_t>& tokens, int64_t n_prompt,
+                                        const std::string& sidecar) {
   SessionParams p;
+  p.kv_calibration = sidecar;
   p.n_ctx = 256;
   p.n_threads = 2;
   p.n_batch = 24;  // prompt chunks of 24: later chunks read the cached prefix
@@ -80,11 +82,27 @@ TEST(SessionFastPath, LogProbsEqualScalarPathWithinReordering) {
   std::vector<int32_t> tokens = model->tokenize(text, true);
   ASSERT_GE(tokens.size(), 90u);
   tokens.resize(90);  // 70 prefilled (3 chunks), 19 decoded
+  // A sidecar of our own for the KVQuant formats (any calibration serves to
+  // compare two paths over the same cache; this test must not depend on one
+  // left at the model's default path by an earlier run).
+  std::ifstream valid_in(test::data_dir() + "/wikitext-2/wiki.valid.tokens");
+  ASSERT_TRUE(valid_in) << "wiki.valid.tokens is missing: run scripts/fetch-data.sh (or set KVQ_DATA_DIR)";
+  std::string valid(20000, '\0');
+  valid_in.read(valid.data(), std::streamsize(valid.size()));
+  valid.resize(size_t(valid_in.gcount()));
+  std::vector<int32_t> calib_tokens = model->tokenize(valid, true);
+  ASSERT_GE(calib_tokens.size(), 1024u);
+  CalibrationParams cp;
+  cp.n_windows = 2;
+  cp.window = 512;
+  cp.weighting = "scale2";  // no backward pass: seconds, not minutes
+  const std::string sidecar = test::temp_dir() + "/session_fast_path.kvcalib.gguf";
+  calibrate_kv(model, std::span(calib_tokens.data(), 1024), cp, sidecar);
   for (const char* fmt : {"f16", "q4_0", "int4-ch-1%", "nuq4-1%", "nuq2-1%"}) {
-    std::vector<double> fast = next_token_logprobs(model, fmt, tokens, 70), ref;
+    std::vector<double> fast = next_token_logprobs(model, fmt, tokens, 70, sidecar), ref;
     {
       ScalarAttention scalar;
-      ref = next_token_logprobs(model, fmt, tokens, 70);
+      ref = next_token_logprobs(model, fmt, tokens, 70, sidecar);
     }
     ASSERT_EQ(fast.size(), ref.size());
     double sum_fast = 0, sum_ref = 0, max_diff = 0;
