@@ -152,8 +152,8 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 // The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
 // packed, mostly cache-resident) attended by one query token on one thread,
 // repeated; "ns/tile" per (page, KV head) tile of keys and values. The
-// /portable and /scalar variants pin that tile kernel (the label names the one
-// run); /portable+ also the portable tile decoders (what a CPU without AVX2
+// /avx2, /portable and /scalar variants pin that tile kernel (the label names
+// the one run); /portable+ also the portable tile decoders (what a CPU without AVX2
 // runs: Arm, older x86), /portable-codecs the codecs' decode beside it (what
 // such CPUs ran before the portable decoders).
 void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders) {
@@ -165,7 +165,7 @@ void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKe
   set_attention_kernel(kernel);
   set_tile_decoders(decoders);
   const char* dec[] = {"", "+codecs", "+avx2 decoders", "+portable decoders"};
-  state.SetLabel(attention_kernel_name(kHd) + dec[int(decoders)]);
+  state.SetLabel(attention_kernel_name(kHd, &kv_format(name)) + dec[int(decoders)]);
   for (auto _ : state) query.attend(view, one);
   set_attention_kernel(AttentionKernel::automatic);
   set_tile_decoders(TileDecoders::automatic);
@@ -269,6 +269,7 @@ int register_all() {
       TileDecoders decoders;
     };
     for (const Variant& v : {Variant{"", AttentionKernel::automatic, TileDecoders::automatic},
+                             Variant{"/avx2", AttentionKernel::avx2, TileDecoders::automatic},
                              Variant{"/portable", AttentionKernel::portable, TileDecoders::automatic},
                              Variant{"/portable+", AttentionKernel::portable, TileDecoders::portable},
                              Variant{"/portable-codecs", AttentionKernel::portable, TileDecoders::codec},
