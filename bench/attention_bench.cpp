@@ -152,12 +152,15 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 // The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
 // packed, mostly cache-resident) attended by one query token on one thread,
 // repeated; "ns/tile" per (page, KV head) tile of keys and values. The
-// /avx2, /portable and /scalar variants pin that tile kernel (the label names
+// /avx2, /avx512, /portable and /scalar variants pin that tile kernel (the label names
 // the one run); /portable+ also the portable tile decoders (what a CPU without AVX2
 // runs: Arm, older x86), /portable-codecs the codecs' decode beside it (what
 // such CPUs ran before the portable decoders).
 void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders) {
   static ThreadPool one(1);
+  if ((kernel == AttentionKernel::avx2 && detected_simd_level() < SimdLevel::avx2) ||
+      (kernel == AttentionKernel::avx512 && detected_simd_level() < SimdLevel::avx512))
+    return state.SkipWithError("this CPU does not run that kernel");
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   DecodeQuery query(ctx);
@@ -175,8 +178,10 @@ void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKe
 }
 
 // The tile decode stages alone: every page of one layer, every head, keys
-// (with RoPE for pre-RoPE formats) and values, one thread. Arg: 0 the codecs
-// (scalar), 1 this CPU's decoders, 2 the portable (Highway) decoders.
+// (with RoPE for pre-RoPE formats, relative to the page as decode rotates
+// them) and values, one thread. Arg: 0 the codecs (scalar), 1 this CPU's
+// decoders, 2 the portable (Highway) decoders, 3 the AVX2 ones (to compare on
+// an AVX-512 CPU).
 void BM_TileDecode(benchmark::State& state, std::string name) {
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
@@ -184,12 +189,16 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
   if (state.range(0) == 0) set_simd_level(SimdLevel::scalar);
   if (state.range(0) == 2) set_tile_decoders(TileDecoders::portable);
   if (state.range(0) == 2) state.SetLabel(std::string("portable/") + attn::portable_target_name());
+  if (state.range(0) == 3) {
+    if (detected_simd_level() < SimdLevel::avx2) return state.SkipWithError("no AVX2 on this CPU");
+    set_tile_decoders(TileDecoders::avx2);
+  }
   std::vector<float> kt(size_t(kHd) * kKvPageTokens), vt(kt.size());
   const int64_t pages = (ctx + kKvPageTokens - 1) / kKvPageTokens;
   for (auto _ : state) {
     for (int64_t p = 0; p < pages; ++p)
       for (int h = 0; h < kKvHeads; ++h) {
-        view.decode_keys(p, h, kt.data());
+        view.decode_keys(p, h, kt.data(), kKvNoWindow, view.keys_pre_rope && view.page_consecutive(p));
         view.decode_values(p, h, vt.data());
         benchmark::ClobberMemory();
       }
@@ -270,6 +279,7 @@ int register_all() {
     };
     for (const Variant& v : {Variant{"", AttentionKernel::automatic, TileDecoders::automatic},
                              Variant{"/avx2", AttentionKernel::avx2, TileDecoders::automatic},
+                             Variant{"/avx512", AttentionKernel::avx512, TileDecoders::automatic},
                              Variant{"/portable", AttentionKernel::portable, TileDecoders::automatic},
                              Variant{"/portable+", AttentionKernel::portable, TileDecoders::portable},
                              Variant{"/portable-codecs", AttentionKernel::portable, TileDecoders::codec},
@@ -278,7 +288,7 @@ int register_all() {
                                    std::string(f), v.kernel, v.decoders)
           ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
-        ->Arg(1)->Arg(0)->Arg(2)->Unit(benchmark::kMicrosecond);
+        ->Arg(1)->Arg(0)->Arg(2)->Arg(3)->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("Append/") + f).c_str(), BM_Append, std::string(f))
         ->Unit(benchmark::kMicrosecond);
   }

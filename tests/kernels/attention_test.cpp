@@ -1,5 +1,5 @@
-// Every attention tile kernel this CPU runs (the scalar reference, the AVX2 one,
-// and the portable Highway one at each of its targets this CPU supports, e.g.
+// Every attention tile kernel this CPU runs (the scalar reference, the AVX2 and
+// AVX-512 ones, and the portable Highway one at each of its targets this CPU supports, e.g.
 // AVX2, SSE4, SSSE3 and the emulated baseline) against attention_ref(),
 // the double-precision two-pass oracle, over awkward shapes: cache lengths that
 // straddle page boundaries, decode (split-K + merge) and prefill query blocks,
@@ -54,7 +54,13 @@ struct KernelPath {
 
 std::vector<KernelPath> kernel_paths() {
   std::vector<KernelPath> paths = {{"scalar", SimdLevel::scalar, AttentionKernel::scalar}};
-  if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", detected_simd_level(), AttentionKernel::avx2});
+  // The AVX2 kernel beside the AVX2 tile decoders (an AVX2 CPU); on an AVX-512
+  // CPU also beside the AVX-512 decoders, and the AVX-512 kernel.
+  if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", SimdLevel::avx2, AttentionKernel::avx2});
+  if (detected_simd_level() >= SimdLevel::avx512) {
+    paths.push_back({"avx2+avx512 decoders", SimdLevel::avx512, AttentionKernel::avx2});
+    paths.push_back({"avx512", SimdLevel::avx512, AttentionKernel::avx512});
+  }
   for (int64_t t : attn::portable_targets()) {
     // Targets of AVX2 width and up run beside the AVX2 tile decoders (as on an
     // AVX-512 CPU), narrower ones beside the portable decoders (as on a CPU without AVX2).
@@ -90,10 +96,13 @@ TEST(Attention, PortableKernelRunsEveryTargetOfThisCpu) {
       << "no portable baseline among" << names;
 #if defined(__x86_64__)
   if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_NE(names.find("AVX2"), std::string::npos) << names; }
-  // Automatic choice: the hand-written kernel on AVX2 CPUs, Highway's AVX-512
-  // target on AVX-512 CPUs, the portable kernel for head sizes AVX2's cannot take.
+  // Automatic choice: the hand-written kernels on AVX2 and AVX-512 CPUs, the
+  // portable kernel for head sizes they cannot take.
   if (detected_simd_level() == SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(64), "avx2"); }
-  if (detected_simd_level() == SimdLevel::avx512) { EXPECT_EQ(attention_kernel_name(64).rfind("portable/AVX3", 0), 0u); }
+  if (detected_simd_level() == SimdLevel::avx512) {
+    EXPECT_EQ(attention_kernel_name(64), "avx512");
+    EXPECT_EQ(attention_kernel_name(40).rfind("portable/", 0), 0u) << "head size 40: not a multiple of 16";
+  }
   if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(20).rfind("portable/", 0), 0u); }
 #endif
   set_simd_level(SimdLevel::scalar);

@@ -28,7 +28,7 @@
 namespace kvq {
 namespace {
 
-// One set of fast decoders: the AVX2 ones, or the portable ones at one Highway target.
+// One set of fast decoders: the AVX-512 or AVX2 ones, or the portable ones at one Highway target.
 struct DecoderPath {
   std::string name;
   TileDecoders decoders;
@@ -40,10 +40,11 @@ bool is_baseline(int64_t target) {
   return name == "SCALAR" || name == "EMU128";
 }
 
-// The AVX2 decoders, and the portable ones at every vector target (the one-lane
+// The AVX-512 and AVX2 decoders (where the CPU has them), and the portable ones at every vector target (the one-lane
 // baseline declines every layout: see PortableBaselineLeavesTilesToTheCodecs).
 std::vector<DecoderPath> decoder_paths() {
   std::vector<DecoderPath> paths;
+  if (detected_simd_level() >= SimdLevel::avx512) paths.push_back({"avx512", TileDecoders::avx512});
   if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", TileDecoders::avx2});
   for (int64_t t : attn::portable_targets())
     if (!is_baseline(t)) paths.push_back({"portable/" + std::string(hwy::TargetName(t)), TileDecoders::portable, t});
@@ -69,6 +70,11 @@ struct ReferenceScope {
 };
 
 // Layouts each portable decoder must take itself (not hand to the codec).
+// The layouts the AVX-512 decoders take themselves (the rest go to AVX2's).
+bool avx512_decodes(const KvFormat& f, KvRole role, int hd) {
+  return f.scheme == KvScheme::quant && f.bits <= 4 && (role == KvRole::key || hd % 16 == 0);
+}
+
 bool portable_decodes(const KvFormat& f, int hd) {
   switch (f.scheme) {
     case KvScheme::quant: return f.bits <= 4;
@@ -129,6 +135,11 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
                 std::vector<float> own(want.size(), 0.0f);
                 ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, n, own.data()))
                     << f.name << " hd=" << hd << ": the portable decoder left it to the codec";
+              }
+              if (path.decoders == TileDecoders::avx512 && avx512_decodes(f, role, hd)) {
+                std::vector<float> own(want.size(), 0.0f);
+                ASSERT_TRUE(simd::kv_decode_tile_avx512(codec->layout(), page.data(), head, n, own.data()))
+                    << f.name << " hd=" << hd << ": the AVX-512 decoder left it to AVX2's";
               }
               int bad = 0;
               for (int j = 0; j < n; ++j)
@@ -275,8 +286,16 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
                 std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
                 kv_decode_tile(*codec, page.data(), head, n, want.data());
                 kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
-                // AVX2 fuses every bit width; the portable decoders up to 4 bits.
-                const bool fused = path.decoders == TileDecoders::avx2 || f.bits <= 4;
+                // AVX2 fuses every bit width (and takes what AVX-512 does not:
+                // 8 bits); the portable and AVX-512 decoders up to 4 bits.
+                const bool fused = path.decoders == TileDecoders::avx2 || path.decoders == TileDecoders::avx512 ||
+                                   f.bits <= 4;
+                if (path.decoders == TileDecoders::avx512 && f.bits <= 4) {
+                  std::vector<float> own(want.size(), 0.0f);
+                  ASSERT_TRUE(simd::kv_decode_rotate_keys_avx512(codec->layout(), page.data(), head, n, own.data(),
+                                                                 cs.data(), half, neox))
+                      << f.name << ": the AVX-512 fused decoder left it to AVX2's";
+                }
                 ASSERT_EQ(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox), fused)
                     << f.name;
                 if (!fused) continue;

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "base/cpu.h"
 #include "base/threads.h"
 #include "formats/kv_format.h"
 #include "gguf/gguf.h"
@@ -123,11 +124,20 @@ TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
     const std::vector<float> portable_all = run.logits(f, n_prompt);
     set_tile_decoders(TileDecoders::automatic);
     set_attention_kernel(AttentionKernel::automatic);
+    // On an AVX-512 CPU "fast" is the AVX-512 kernel and decoders: also what an
+    // AVX2 CPU runs.
+    std::vector<float> avx2 = fast;
+    if (detected_simd_level() >= SimdLevel::avx512) {
+      set_simd_level(SimdLevel::avx2);
+      avx2 = run.logits(f, n_prompt);
+      set_simd_level(detected_simd_level());
+    }
     set_attention_scalar(true);
     const std::vector<float> ref = run.logits(f, n_prompt);
     set_attention_scalar(false);
     ASSERT_EQ(ref.size(), run.tokens.size() * size_t(kVocab)) << f.name;
     for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>&>{"fast", fast},
+                                    {"avx2", avx2},
                                     {"portable", portable},
                                     {"portable+", portable_all}}) {
       ASSERT_EQ(got.size(), ref.size()) << f.name << " " << name;

@@ -80,16 +80,21 @@ AttentionKernel attention_kernel_for(int head_dim, bool packed_values) {
     if (simd_level() < SimdLevel::avx2) fail("attention: the AVX2 kernel was asked for on a CPU without AVX2");
     return avx2_or_portable;
   }
+  // What an AVX-512 CPU runs: the AVX-512 kernel (Zen 5, one thread, 4K, per
+  // tile: 0.97-0.99 us for the 2/3/4-bit KVQuant presets against 1.22-1.25 on
+  // the AVX2 kernel and 1.59-1.81 on the portable one; f16 0.72 against 0.73 /
+  // 0.83); for other head sizes AVX2's where it reads values from their codes
+  // (its 1.25 against the portable kernel's 1.6), else the portable kernel.
+  const AttentionKernel avx512_or_other = head_dim % 16 == 0 ? AttentionKernel::avx512
+                                          : packed_values     ? avx2_or_portable
+                                                              : AttentionKernel::portable;
+  if (pinned == AttentionKernel::avx512) {
+    if (simd_level() < SimdLevel::avx512) fail("attention: the AVX-512 kernel was asked for on a CPU without AVX-512");
+    return avx512_or_other;
+  }
   if (pinned != AttentionKernel::automatic) return pinned;
   switch (simd_level()) {
-    case SimdLevel::avx512:
-      // Values the AVX2 kernel accumulates straight from their codes keep it:
-      // measured on an AVX-512 CPU (Zen 5), one thread, 4K, 1.25-1.36 us per
-      // tile for the 2/4-bit KVQuant presets against 1.60-1.67 with the
-      // portable AVX-512 step decoding the values first; f16 and q4_0, which
-      // have no packed path, run 0.72-0.81 / 1.04-1.09 us on the portable step
-      // against 0.82-0.84 / 1.13 on the AVX2 one.
-      return packed_values ? avx2_or_portable : AttentionKernel::portable;
+    case SimdLevel::avx512: return avx512_or_other;
     case SimdLevel::avx2: return avx2_or_portable;
     default:
       // Lowered to scalar on a SIMD CPU: the reference path, as for every kernel.
@@ -101,6 +106,7 @@ std::string attention_kernel_name(int head_dim, const KvFormat* decode_values) {
   const bool packed = decode_values && attn::packed_values_supported(decode_values->scheme, decode_values->bits, head_dim);
   switch (attention_kernel_for(head_dim, packed)) {
     case AttentionKernel::avx2: return "avx2";
+    case AttentionKernel::avx512: return "avx512";
     case AttentionKernel::portable: return std::string("portable/") + attn::portable_target_name();
     default: return "scalar";
   }
@@ -114,6 +120,7 @@ TileStepFn tile_step_of(AttentionKernel kernel) {
   switch (kernel) {
 #if defined(__x86_64__)
     case AttentionKernel::avx2: return attn::tile_step_avx2;
+    case AttentionKernel::avx512: return attn::tile_step_avx512;
 #endif
     case AttentionKernel::portable: return attn::tile_step_portable;
     default: return attn::tile_step_scalar;

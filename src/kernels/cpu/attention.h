@@ -32,22 +32,23 @@ void attention(const AttentionArgs& args, ThreadPool& pool);
 // beside the portable step and by the codecs beside the scalar one, kv_decode.h):
 //   scalar    plain C++, the reference the others are tested against;
 //   avx2      hand-written AVX2+FMA (x86-64, head_dim % 8 == 0);
+//   avx512    hand-written AVX-512 (x86-64, head_dim % 16 == 0);
 //   portable  written once with Google Highway, compiled for every target of
 //             the architecture and chosen at run time (AVX-512, SSE4, NEON, SVE).
-// Both accumulate 2/3/4-bit per-token values straight from their codes in
+// All accumulate 2/3/4-bit per-token values straight from their codes in
 // decode (the portable one with 128-bit lookups on every target).
-// `automatic` (the default) picks avx2 where AVX2 is the CPU's top level and
-// head_dim % 8 == 0, portable on AVX-512 CPUs (but avx2 where it would read the
-// values from their packed codes: 256-bit lookups), on CPUs without AVX2 and for other head
-// sizes, and scalar when set_attention_scalar(true) is on or the SIMD level was
-// lowered to scalar (set_simd_level; tests compare paths that way).
-// Pinning avx2 gives what an AVX2 CPU runs (portable for other head sizes).
-enum class AttentionKernel { automatic, scalar, avx2, portable };
+// `automatic` (the default) picks avx512 on AVX-512 CPUs and avx2 where AVX2 is
+// the CPU's top level (for head sizes they take), portable on CPUs without
+// AVX2 and for other head sizes, and scalar when set_attention_scalar(true) is
+// on or the SIMD level was lowered to scalar (set_simd_level; tests compare
+// paths that way). Pinning avx2 gives what an AVX2 CPU runs (portable for other
+// head sizes), pinning avx512 what an AVX-512 one runs.
+enum class AttentionKernel { automatic, scalar, avx2, portable, avx512 };
 void set_attention_kernel(AttentionKernel kernel);  // process-wide; for tests and benchmarks
 // What attention() runs now for this head size; `packed_values`: the call's
 // values could be read from their packed codes (decode over per-token quant values).
 AttentionKernel attention_kernel_for(int head_dim, bool packed_values = false);
-// "scalar", "avx2" or "portable/<Highway target>", e.g. "portable/AVX3": the
+// "scalar", "avx2", "avx512" or "portable/<Highway target>", e.g. "portable/AVX3": the
 // kernel for prefill, or (decode_values: the cache's value format) for decode.
 std::string attention_kernel_name(int head_dim, const KvFormat* decode_values = nullptr);
 

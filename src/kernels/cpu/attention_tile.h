@@ -24,7 +24,7 @@ struct TileStep {
   float* l;               // [rows] running sum of exp
   float* acc;             // [rows][hd] running output (unnormalised)
   float* s;               // scratch [rows][kTile]
-  // Values read straight from their page (AVX2 and portable steps, when
+  // Values read straight from their page (the SIMD steps, when
   // packed_values_supported): the value decode fused into the accumulation.
   const KvCodecLayout* v_layout = nullptr;
   const uint8_t* v_page = nullptr;  // the page's value part
@@ -55,6 +55,8 @@ inline void mask_row(const TileStep& t, int r, float* s_row) {
 void tile_step_scalar(const TileStep& t);
 // AVX2+FMA version (hd % 8 == 0); defined only on x86-64.
 void tile_step_avx2(const TileStep& t);
+// AVX-512 version (hd % 16 == 0); defined only on x86-64.
+void tile_step_avx512(const TileStep& t);
 // Portable SIMD version (Google Highway, any hd; t.v must be set): the best
 // target this CPU supports, chosen at run time (attention_hwy.cpp).
 void tile_step_portable(const TileStep& t);

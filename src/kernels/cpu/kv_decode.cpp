@@ -19,6 +19,8 @@ bool attention_scalar() { return g_attention_scalar.load(std::memory_order_relax
 void set_tile_decoders(TileDecoders decoders) {
   if (decoders == TileDecoders::avx2 && detected_simd_level() < SimdLevel::avx2)
     fail("tile decoders: the AVX2 decoders were asked for on a CPU without AVX2");
+  if (decoders == TileDecoders::avx512 && detected_simd_level() < SimdLevel::avx512)
+    fail("tile decoders: the AVX-512 decoders were asked for on a CPU without AVX-512");
   g_decoders.store(decoders);
 }
 
@@ -27,6 +29,7 @@ TileDecoders tile_decoders() {
   const TileDecoders pinned = g_decoders.load(std::memory_order_relaxed);
   if (pinned != TileDecoders::automatic) return pinned;
 #if defined(__x86_64__)
+  if (simd_level() >= SimdLevel::avx512) return TileDecoders::avx512;
   if (simd_level() >= SimdLevel::avx2) return TileDecoders::avx2;
 #endif
   // Without AVX2 the decoders go with the tile kernel: portable beside the
@@ -40,6 +43,9 @@ void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, 
   const KvCodecLayout& L = codec.layout();
   switch (tile_decoders()) {
 #if defined(__x86_64__)
+    case TileDecoders::avx512:
+      if (simd::kv_decode_tile_avx512(L, page, head, n, dst)) return;
+      [[fallthrough]];  // the AVX2 decoders take the other layouts
     case TileDecoders::avx2:
       if (simd::kv_decode_tile_avx2(L, page, head, n, dst)) return;
       break;
@@ -57,6 +63,9 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
   const KvCodecLayout& L = codec.layout();
   switch (tile_decoders()) {
 #if defined(__x86_64__)
+    case TileDecoders::avx512:
+      if (simd::kv_decode_rotate_keys_avx512(L, page, head, n, dst, cs, half, neox)) return true;
+      [[fallthrough]];
     case TileDecoders::avx2: return simd::kv_decode_rotate_keys_avx2(L, page, head, n, dst, cs, half, neox);
 #endif
     case TileDecoders::portable: return simd::kv_decode_rotate_keys_portable(L, page, head, n, dst, cs, half, neox);
@@ -67,6 +76,7 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
   switch (tile_decoders()) {
 #if defined(__x86_64__)
+    case TileDecoders::avx512:  // (a rotation is multiplies and adds: AVX2's does)
     case TileDecoders::avx2: return simd::kv_rotate_key_tile_avx2(kt, n, cs, half, neox);
 #endif
     case TileDecoders::portable:

@@ -16,7 +16,9 @@
 
 namespace kvq {
 
-// Which decoders run: the AVX2 ones where the CPU has AVX2 (simd_level()), the
+// Which decoders run: the AVX-512 ones where the CPU has AVX-512 (2/3/4-bit
+// quant codes; the AVX2 ones for every other layout), the AVX2 ones where the
+// CPU has AVX2 (simd_level()), the
 // portable ones (Google Highway: NEON, SVE, SSE4, ...) where the attention tile
 // kernel is the portable one without AVX2 (CPUs without AVX2, Arm; or pinned
 // so for tests), the codecs' own decode otherwise (the scalar reference), and
@@ -43,7 +45,7 @@ void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox);
 
-enum class TileDecoders { automatic, codec, avx2, portable };
+enum class TileDecoders { automatic, codec, avx2, portable, avx512 };
 TileDecoders tile_decoders();  // the decoders that run now (never automatic)
 // Process-wide pin, for tests and benchmarks (automatic: the rule above);
 // set_attention_scalar(true) still wins.
@@ -89,6 +91,10 @@ bool kv_decode_tile_avx2(const KvCodecLayout& layout, const uint8_t* page, int h
 void kv_rotate_key_tile_avx2(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys_avx2(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
                                 const float* cs, int half, bool neox);
+// AVX-512 (kv_decode_avx512.cpp): 2/3/4-bit quant codes only.
+bool kv_decode_tile_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
+bool kv_decode_rotate_keys_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
+                                  const float* cs, int half, bool neox);
 // The portable decoders (kv_decode_hwy.cpp), at the Highway target dispatch
 // picks (attn::pin_portable_target pins it); false: no path for this layout
 // or target (the one-lane baseline declines everything).

@@ -1,6 +1,6 @@
 // Private to the AVX2 kernels that read packed KV pages (kv_decode_avx2.cpp,
 // attention_avx2.cpp): unpacking codes, level lookups, per-slot scales and the
-// sparse outlier walk. Include only from *_avx2.cpp files.
+// sparse outlier walk. Include only from *_avx2.cpp and *_avx512.cpp files.
 //
 // Everything here has internal linkage (an unnamed namespace): the including
 // files are compiled with different floating-point contraction settings, and

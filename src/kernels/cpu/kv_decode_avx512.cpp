@@ -1,0 +1,141 @@
+// AVX-512 tile decoders for 2/3/4-bit quant codes (see kv_decode.h): the
+// same stages as the AVX2 ones, 16 codes at a time, and one instruction per
+// level lookup: a 16-entry float table fits one register, and vpermps reads
+// only the low 4 bits of each index (tables of 4 or 8 levels are repeated to
+// fill it, so codes need no masking). Compiled with -ffp-contract=off: each
+// zp + r * L is a multiply then an add, as in the scalar codecs, so tiles are
+// bit-identical to KvCodec::decode (the fused key decode + rotation equal up
+// to rounding, as on AVX2). Other layouts go to the AVX2 decoders.
+#include <immintrin.h>
+
+#include "kernels/cpu/kv_decode.h"
+#include "kernels/cpu/kv_lookup_avx2.h"
+#include "kernels/cpu/kv_lookup_avx512.h"
+
+namespace kvq::simd {
+
+namespace {
+
+using namespace kvx512;
+using kvx::for_each_outlier;
+using kvx::ld16;
+constexpr int T = kKvPageTokens;
+
+void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const bool key = L.role == KvRole::key;
+  const int64_t ds = key ? T : 1, js = key ? 1 : L.head_dim;
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { dst[int64_t(d) * ds + j * js] += e; });
+}
+
+// Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
+// 8 * B bytes, 16 slots per lookup.
+template <int B>
+void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const Unpack16<B> unpack;
+  const int D = L.head_dim, groups = (n + 15) / 16;
+  if (L.per_channel) {
+    for (int d = 0; d < D; ++d) {
+      const int c = head * D + d;
+      const __m512 table = channel_table<B>(L, c);
+      const uint8_t* run = page + int64_t(c) * L.run_bytes;
+      for (int g = 0; g < groups; ++g) _mm512_storeu_ps(dst + int64_t(d) * T + 16 * g, lookup(table, unpack(run + 2 * B * g)));
+    }
+  } else {
+    alignas(64) float zps[T], rs[T];
+    for (int g = 0; g < groups; ++g) {
+      __m512 z, r;
+      load_scales16(page + L.codes_bytes + int64_t(g) * 64, z, r);
+      _mm512_store_ps(zps + 16 * g, z);
+      _mm512_store_ps(rs + 16 * g, r);
+    }
+    const __m512 table = levels16<B>(L.levels);
+    for (int d = 0; d < D; ++d) {
+      const uint8_t* run = page + int64_t(head * D + d) * L.run_bytes;
+      for (int g = 0; g < groups; ++g) {
+        const __m512 lv = lookup(table, unpack(run + 2 * B * g));
+        _mm512_storeu_ps(dst + int64_t(d) * T + 16 * g,
+                         _mm512_add_ps(_mm512_load_ps(zps + 16 * g), _mm512_mul_ps(_mm512_load_ps(rs + 16 * g), lv)));
+      }
+    }
+  }
+  add_outliers(L, page, head, n, dst);
+}
+
+// Values, token-major dst[j * D + d] (head_dim % 16 == 0): each slot's head
+// vector is one packed run; the slot's fp16 zp and range broadcast over it.
+template <int B>
+void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const Unpack16<B> unpack;
+  const int D = L.head_dim;
+  const __m512 table = levels16<B>(L.levels);
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
+    const __m512 zv = _mm512_set1_ps(_cvtsh_ss(ld16(sc))), rv = _mm512_set1_ps(_cvtsh_ss(ld16(sc + 2)));
+    const uint8_t* run = page + (int64_t(head) * T + j) * L.run_bytes;
+    float* out = dst + int64_t(j) * D;
+    for (int d0 = 0; d0 < D; d0 += 16)
+      _mm512_storeu_ps(out + d0, _mm512_add_ps(zv, _mm512_mul_ps(rv, lookup(table, unpack(run + d0 / 8 * B)))));
+  }
+  add_outliers(L, page, head, n, dst);
+}
+
+// Pre-RoPE per-channel keys, stages fused (as keys_quant_rotated on AVX2):
+// both channels of each rotated pair looked up, rotated in registers, stored
+// once; then the sparse residuals, rotated like their elements.
+template <int B>
+void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst, const float* cs,
+                        int half, bool neox) {
+  const Unpack16<B> unpack;
+  const int D = L.head_dim, groups = (n + 15) / 16;
+  for (int i = 0; i < half; ++i) {
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
+    const int ca = head * D + a, cb = head * D + b;
+    const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
+    const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
+    const __m512 ta = channel_table<B>(L, ca), tb = channel_table<B>(L, cb);
+    const float* c = cs + i * T;
+    const float* sn = cs + (half + i) * T;
+    for (int g = 0; g < groups; ++g) {
+      const __m512 x = lookup(ta, unpack(ra + 2 * B * g)), y = lookup(tb, unpack(rb + 2 * B * g));
+      const __m512 cv = _mm512_loadu_ps(c + 16 * g), sv = _mm512_loadu_ps(sn + 16 * g);
+      _mm512_storeu_ps(dst + int64_t(a) * T + 16 * g, _mm512_fmsub_ps(x, cv, _mm512_mul_ps(y, sv)));
+      _mm512_storeu_ps(dst + int64_t(b) * T + 16 * g, _mm512_fmadd_ps(x, sv, _mm512_mul_ps(y, cv)));
+    }
+  }
+  // Channels past the rotated ones (n_rot < head_dim) pass through.
+  for (int d = 2 * half; d < D; ++d) {
+    const int c = head * D + d;
+    const __m512 table = channel_table<B>(L, c);
+    const uint8_t* run = page + int64_t(c) * L.run_bytes;
+    for (int g = 0; g < groups; ++g) _mm512_storeu_ps(dst + int64_t(d) * T + 16 * g, lookup(table, unpack(run + 2 * B * g)));
+  }
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
+}
+
+}  // namespace
+
+bool kv_decode_rotate_keys_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst,
+                                  const float* cs, int half, bool neox) {
+  if (L.scheme != KvScheme::quant || L.role != KvRole::key || !L.per_channel || !L.levels || !L.zp || !L.range)
+    return false;
+  switch (L.bits) {
+    case 2: keys_quant_rotated<2>(L, page, head, n, dst, cs, half, neox); return true;
+    case 3: keys_quant_rotated<3>(L, page, head, n, dst, cs, half, neox); return true;
+    case 4: keys_quant_rotated<4>(L, page, head, n, dst, cs, half, neox); return true;
+    default: return false;
+  }
+}
+
+bool kv_decode_tile_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  if (L.scheme != KvScheme::quant || !L.levels) return false;
+  const bool key = L.role == KvRole::key;
+  if (key ? (L.per_channel && (!L.zp || !L.range)) : L.head_dim % 16 != 0) return false;
+  switch (L.bits) {
+    case 2: key ? keys_quant<2>(L, page, head, n, dst) : values_quant<2>(L, page, head, n, dst); return true;
+    case 3: key ? keys_quant<3>(L, page, head, n, dst) : values_quant<3>(L, page, head, n, dst); return true;
+    case 4: key ? keys_quant<4>(L, page, head, n, dst) : values_quant<4>(L, page, head, n, dst); return true;
+    default: return false;
+  }
+}
+
+}  // namespace kvq::simd
