@@ -179,7 +179,8 @@ struct KvStats {
   uint64_t bytes_codes = 0, bytes_scales = 0, bytes_outliers = 0;
   uint64_t bytes_full_precision = 0;  // sink and window side stores
   uint64_t bytes_calibration = 0;     // per-layer constants (per-channel ranges, codebooks)
-  uint64_t bytes_positions = 0;       // per token, shared by the layers: position and RoPE angles
+  uint64_t bytes_positions = 0;       // shared by the layers: 4 B of position per token, and for pre-RoPE key
+                                      // formats the RoPE angles of each page's first position and of a page's 64 offsets
   uint64_t bytes() const { return bytes_k + bytes_v + bytes_positions; }
 };
 
