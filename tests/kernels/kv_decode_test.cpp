@@ -70,10 +70,12 @@ struct ReferenceScope {
 };
 
 // Layouts each portable decoder must take itself (not hand to the codec).
+#if defined(__x86_64__)
 // The layouts the AVX-512 decoders take themselves (the rest go to AVX2's).
 bool avx512_decodes(const KvFormat& f, KvRole role, int hd) {
   return f.scheme == KvScheme::quant && f.bits <= 4 && (role == KvRole::key || hd % 16 == 0);
 }
+#endif
 
 bool portable_decodes(const KvFormat& f, int hd) {
   switch (f.scheme) {
@@ -136,11 +138,13 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
                 ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, n, own.data()))
                     << f.name << " hd=" << hd << ": the portable decoder left it to the codec";
               }
+#if defined(__x86_64__)
               if (path.decoders == TileDecoders::avx512 && avx512_decodes(f, role, hd)) {
                 std::vector<float> own(want.size(), 0.0f);
                 ASSERT_TRUE(simd::kv_decode_tile_avx512(codec->layout(), page.data(), head, n, own.data()))
                     << f.name << " hd=" << hd << ": the AVX-512 decoder left it to AVX2's";
               }
+#endif
               int bad = 0;
               for (int j = 0; j < n; ++j)
                 for (int d = 0; d < hd; ++d) {
@@ -290,12 +294,14 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
                 // 8 bits); the portable and AVX-512 decoders up to 4 bits.
                 const bool fused = path.decoders == TileDecoders::avx2 || path.decoders == TileDecoders::avx512 ||
                                    f.bits <= 4;
+#if defined(__x86_64__)
                 if (path.decoders == TileDecoders::avx512 && f.bits <= 4) {
                   std::vector<float> own(want.size(), 0.0f);
                   ASSERT_TRUE(simd::kv_decode_rotate_keys_avx512(codec->layout(), page.data(), head, n, own.data(),
                                                                  cs.data(), half, neox))
                       << f.name << ": the AVX-512 fused decoder left it to AVX2's";
                 }
+#endif
                 ASSERT_EQ(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox), fused)
                     << f.name;
                 if (!fused) continue;
