@@ -130,10 +130,10 @@ TileStepFn tile_step_of(AttentionKernel kernel) {
 constexpr int kPackedValuesMaxRows = 6;  // two 3-row blocks of the tile step
 // Pre-RoPE keys are rotated relative to their page (KvLayerView::rope_rel_cs)
 // for blocks of up to this many query rows (decode and short batches) instead
-// of with the page's own angle table (more bytes than a 4-bit page, read for
-// every head): turning the rows back by the page's first angle costs ~20 ns a
-// row, far less than that read for decode's 3 rows, about as much for 24.
-// Prefill's larger blocks share each table read over 4x the rows.
+// of at absolute positions, whose angles are composed per page and head
+// (KvLayerView::page_angles, ~0.4 us on the Zen 5 host): turning the rows back
+// by the page's first angle costs ~20 ns a row, far less for decode's 3 rows,
+// about as much for 24. Prefill's larger blocks compose once per 4x the rows.
 constexpr int kRelativeRopeMaxRows = 24;
 
 struct Scratch {
