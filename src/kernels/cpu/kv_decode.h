@@ -16,15 +16,16 @@
 
 namespace kvq {
 
-// Which decoders run: the AVX-512 ones where the CPU has AVX-512 (2/3/4-bit
-// quant codes; the AVX2 ones for every other layout), the AVX2 ones where the
-// CPU has AVX2 (simd_level()), the
-// portable ones (Google Highway: NEON, SVE, SSE4, ...) where the attention tile
+// Which decoders run (simd_level()): the AVX-512 ones where the CPU has
+// AVX-512 (2/3/4-bit quant codes; the AVX2 ones take every other layout), the
+// AVX2 ones where it has AVX2, the portable ones (Google Highway: NEON, SVE,
+// SSE4, ...) where the attention tile
 // kernel is the portable one without AVX2 (CPUs without AVX2, Arm; or pinned
 // so for tests), the codecs' own decode otherwise (the scalar reference), and
 // wherever a fast decoder has no path for the layout.
 //
-// KvCodec::decode, fast: AVX2 for quant formats of 2, 3, 4 and 8 bits,
+// KvCodec::decode, fast: AVX-512 for quant formats of 2, 3 and 4 bits (values:
+// head_dim % 16 == 0); AVX2 for quant formats of 2, 3, 4 and 8 bits,
 // q8_0/q4_0 with head_dim % 32 == 0 (f16: the codec's F16C row conversion);
 // portable for quant formats of 2, 3 and 4 bits, q8_0/q4_0 (head_dim % 32 ==
 // 0) and f16.

@@ -16,15 +16,6 @@ namespace {
 using namespace kvx;
 constexpr int T = kKvPageTokens;
 
-// Stage "outlier residuals": adds each stored fp16 residual whose index falls
-// in `head` to its element. (A branch-free variant, misses adding to a ring of
-// dummies, measured no faster: the sparse entries cost the same either way.)
-void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
-  const bool key = L.role == KvRole::key;
-  const int64_t ds = key ? T : 1, js = key ? 1 : L.head_dim;
-  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { dst[int64_t(d) * ds + j * js] += e; });
-}
-
 // Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
 // 8 * B bytes. Per-channel scaling folds zp and range into the channel's
 // level table once (2^B entries), so each code is a single lookup.

@@ -17,15 +17,10 @@ namespace kvq::simd {
 namespace {
 
 using namespace kvx512;
+using kvx::add_outliers;
 using kvx::for_each_outlier;
 using kvx::ld16;
 constexpr int T = kKvPageTokens;
-
-void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
-  const bool key = L.role == KvRole::key;
-  const int64_t ds = key ? T : 1, js = key ? 1 : L.head_dim;
-  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { dst[int64_t(d) * ds + j * js] += e; });
-}
 
 // Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
 // 8 * B bytes, 16 slots per lookup.

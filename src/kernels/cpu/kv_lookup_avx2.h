@@ -136,6 +136,16 @@ inline void for_each_outlier(const KvCodecLayout& L, const uint8_t* page, int he
   }
 }
 
+// Stage "outlier residuals" of a decoded tile (keys channel-major, values
+// token-major): adds each stored fp16 residual whose index falls in `head` to
+// its element. (A branch-free variant, misses adding to a ring of dummies,
+// measured no faster: the sparse entries cost the same either way.)
+inline void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const bool key = L.role == KvRole::key;
+  const int64_t ds = key ? kKvPageTokens : 1, js = key ? 1 : L.head_dim;
+  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { dst[int64_t(d) * ds + j * js] += e; });
+}
+
 // 4-bit codes, 32 at a time, looked up with byte shuffles (FAISS fast-scan
 // style): the 16-entry float table split into 4 byte planes, one vpshufb per
 // plane gives byte k of every element's level, and unpacks reassemble the

@@ -18,21 +18,25 @@ namespace {
 // the two bytes its code straddles and a variable shift aligns the code; the
 // bits above it are left (the lookup ignores them).
 template <int B>
-struct Unpack16 {
-  __m512i shuffle, shifts;
-  Unpack16() {
-    alignas(64) uint8_t sh[64];
-    alignas(64) uint32_t bits[16];
+struct Unpack16Tables {
+  alignas(64) uint8_t shuffle[64] = {};
+  alignas(64) uint32_t shifts[16] = {};
+  constexpr Unpack16Tables() {
     for (int i = 0; i < 16; ++i) {
       const int bit = B * i;
-      sh[4 * i] = uint8_t(bit / 8);
-      sh[4 * i + 1] = uint8_t(bit / 8 + 1 < 16 ? bit / 8 + 1 : 0x80);
-      sh[4 * i + 2] = sh[4 * i + 3] = 0x80;  // zero
-      bits[i] = uint32_t(bit % 8);
+      shuffle[4 * i] = uint8_t(bit / 8);
+      shuffle[4 * i + 1] = uint8_t(bit / 8 + 1 < 16 ? bit / 8 + 1 : 0x80);
+      shuffle[4 * i + 2] = shuffle[4 * i + 3] = 0x80;  // zero
+      shifts[i] = uint32_t(bit % 8);
     }
-    shuffle = _mm512_load_si512(sh);
-    shifts = _mm512_load_si512(bits);
   }
+};
+template <int B>
+inline constexpr Unpack16Tables<B> kUnpack16{};
+
+template <int B>
+struct Unpack16 {
+  __m512i shuffle = _mm512_load_si512(kUnpack16<B>.shuffle), shifts = _mm512_load_si512(kUnpack16<B>.shifts);
   __m512i operator()(const uint8_t* p) const {
     const __m128i bytes = _mm_maskz_loadu_epi8(__mmask16((1u << (2 * B)) - 1), p);
     return _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(bytes), shuffle), shifts);
