@@ -136,6 +136,35 @@ constexpr int kPackedValuesMaxRows = 6;  // two 3-row blocks of the tile step
 // about as much for 24. Prefill's larger blocks compose once per 4x the rows.
 constexpr int kRelativeRopeMaxRows = 24;
 
+// Requests a page's bytes ahead of use, a slice at a time. Pages are separate
+// allocations and the hardware prefetchers do not follow the jump from one to
+// the next, so decode asks for the next page while it attends the current one:
+// each head's share of it, in three slices spread over that head's stages
+// (before its keys are decoded, before its tile step, after it). One burst of
+// the whole share (~70 lines for a 4-bit page) filled the core's miss buffers
+// and stalled the pipeline at the prefetch loop itself.
+class PagePrefetch {
+ public:
+  // Slices of [lo, hi) of `page` (null: nothing to request).
+  void start(const uint8_t* page, uint64_t lo, uint64_t hi, int slices) {
+    page_ = page;
+    at_ = lo / 64 * 64;
+    end_ = hi;
+    slice_ = (hi - at_ + uint64_t(slices) * 64 - 1) / (uint64_t(slices) * 64) * 64;
+  }
+  void next_slice() { request(slice_); }
+  void rest() { request(end_); }
+
+ private:
+  void request(uint64_t bytes) {
+    if (!page_) return;
+    for (const uint64_t stop = std::min(end_, at_ + bytes); at_ < stop; at_ += 64) __builtin_prefetch(page_ + at_, 0, 3);
+  }
+
+  const uint8_t* page_ = nullptr;
+  uint64_t at_ = 0, end_ = 0, slice_ = 0;
+};
+
 struct Scratch {
   std::vector<float> q, q_page, kt, v, s, acc, m, l;
   std::vector<int32_t> row_pos;
@@ -161,12 +190,11 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   // streams whole pages (keys of all heads, then values) front to back; more
   // query blocks: one KV head per task.
   const int heads_per_task = n_qblocks == 1 ? kv.n_kv_heads : 1;
-  // Pages are separate allocations, and the hardware prefetchers do not follow
-  // the jump from one to the next: in decode, while a page's head is attended,
-  // that head's share of the next page's bytes is requested. Zen 5, 16K, 30
-  // layers: one thread 42 -> 27 ms (nuq4-1%), 47 -> 30 (f16); two threads
-  // 23 -> 15 and 25 -> 19 ms. (On a Zen 3 host it measured neutral; requesting
-  // a whole page at once there made f16 13 % slower.)
+  // In decode the next page is requested while the current one is attended
+  // (PagePrefetch). Zen 5, 16K, 30 layers, two threads: nuq4-1% 23 -> 15 ms in
+  // one burst per head, -> 12.6 ms in three slices; f16 25 -> 19 -> 17.8. (On a
+  // Zen 3 host one burst measured neutral; a whole page at once made f16 13 %
+  // slower there.)
   const bool prefetch_pages = heads_per_task == kv.n_kv_heads;
   const uint64_t page_bytes = kv.v_offset + kv.v_codec->page_bytes();
   const int n_hblocks = kv.n_kv_heads / heads_per_task;
@@ -243,12 +271,10 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
         const bool relative = relative_rope && kv.page_consecutive(p);
         for (int hh = 0; hh < heads_per_task; ++hh) {
           const int kvh = h0 + hh;
-          if (prefetch_pages && p + 1 < p1) {  // this head's share of the next page
-            const uint8_t* next = kv.pages[p + 1];
-            for (uint64_t b = page_bytes * hh / heads_per_task / 64 * 64; b < page_bytes * (hh + 1) / heads_per_task;
-                 b += 64)
-              __builtin_prefetch(next + b, 0, 3);
-          }
+          PagePrefetch prefetch;  // this head's share of the next page
+          if (prefetch_pages && p + 1 < p1)
+            prefetch.start(kv.pages[p + 1], page_bytes * hh / heads_per_task, page_bytes * (hh + 1) / heads_per_task, 3);
+          prefetch.next_slice();
           const int64_t hr = int64_t(hh) * rows_max;
           const float* q = sc.q.data() + hr * hd;
           if (relative) {  // the rows turned back by the page's first angle
@@ -259,6 +285,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
           }
           if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
             kv.decode_keys(p, kvh, sc.kt.data(), fp_all, relative);
+            prefetch.next_slice();
             attn::TileStep ts{q, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
                               sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()};
             // Values accumulated straight from the packed codes redo the lookups
@@ -273,6 +300,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
               kv.decode_values(p, kvh, sc.v.data(), fp_all);
             }
             tile_step(ts);
+            prefetch.next_slice();
             continue;
           }
           for (int64_t t = t0; t < t1; ++t) {
@@ -284,6 +312,7 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
                        sc.row_pos.data() + r0, sc.m.data() + hr + r0, sc.l.data() + hr + r0,
                        sc.acc.data() + (hr + r0) * hd, sc.s.data()});
           }
+          prefetch.rest();
         }
       }
       for (int hh = 0; hh < heads_per_task; ++hh) {
