@@ -115,6 +115,40 @@ inline void accumulate_levels(const Unpack16<B>& unpack, __m512 table, const uin
 }
 
 
+// The value outliers of a packed tile step: acc[r][d] += p[r][j] e for each
+// residual e of element (j, d), 16 hits' weights at once (p[r][j] looked up
+// among the row's 64 probabilities in registers), the adds one by one (hits of
+// different slots can share a channel).
+template <int R>
+void add_value_outliers(const TileStep& t, const float* p, float* acc) {
+  const KvCodecLayout& L = *t.v_layout;
+  simd::kvx512::OutlierHits hits;
+  if (!simd::kvx512::collect_outliers(L, t.v_page, t.v_head, t.n, hits)) {
+    simd::kvx::for_each_outlier(L, t.v_page, t.v_head, t.n, [&](int j, int d, float e) {
+      for (int r = 0; r < R; ++r) acc[r * t.hd + d] += p[r * kTile + j] * e;
+    });
+    return;
+  }
+  static_assert(kTile == 64, "one row's probabilities are four registers");
+  alignas(64) float w[R][16];
+  for (int k0 = 0; k0 < hits.count; k0 += 16) {
+    const __m512i j = _mm512_load_si512(hits.slot + k0);
+    const __m512 e = _mm512_load_ps(hits.res + k0);
+    const __mmask16 upper = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    for (int r = 0; r < R; ++r) {
+      const float* pr = p + r * kTile;
+      const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(pr), j, _mm512_loadu_ps(pr + 16));
+      const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(pr + 32), j, _mm512_loadu_ps(pr + 48));
+      _mm512_store_ps(w[r], _mm512_mul_ps(_mm512_mask_mov_ps(lo, upper, hi), e));
+    }
+    const int m = std::min(16, hits.count - k0);
+    for (int k = 0; k < m; ++k) {
+      const int d = hits.chan[k0 + k];
+      for (int r = 0; r < R; ++r) acc[r * t.hd + d] += w[r][k];
+    }
+  }
+}
+
 // The value half of a tile step read from the packed page (see
 // packed_values_supported; head_dim % 32 == 0): sum_j p_j (zp_j + r_j L[c]) as
 // sum_j (p_j r_j) L[c] + sum_j p_j zp_j, plus p_j e for each outlier residual.
@@ -140,9 +174,7 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
     }
     zsum[r] = _mm512_reduce_add_ps(zs);
   }
-  simd::kvx::for_each_outlier(L, t.v_page, t.v_head, n, [&](int j, int d, float e) {
-    for (int r = 0; r < R; ++r) acc[r * hd + d] += p[r * kTile + j] * e;
-  });
+  add_value_outliers<R>(t, p, acc);
   const Unpack16<B> unpack;
   const __m512 table = levels16<B>(L.levels);
   const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;

@@ -22,6 +22,14 @@ using kvx::for_each_outlier;
 using kvx::ld16;
 constexpr int T = kKvPageTokens;
 
+// Stage "outlier residuals" of a decoded tile, from the compressed lists.
+void add_outliers_listed(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  OutlierHits hits;
+  if (!collect_outliers(L, page, head, n, hits)) return add_outliers(L, page, head, n, dst);
+  const bool key = L.role == KvRole::key;
+  add_hits(hits, dst, key ? T : 1, key ? 1 : L.head_dim);
+}
+
 // Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
 // 8 * B bytes, 16 slots per lookup.
 template <int B>
@@ -53,7 +61,7 @@ void keys_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, fl
       }
     }
   }
-  add_outliers(L, page, head, n, dst);
+  add_outliers_listed(L, page, head, n, dst);
 }
 
 // Values, token-major dst[j * D + d] (head_dim % 16 == 0): each slot's head
@@ -71,7 +79,7 @@ void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, 
     for (int d0 = 0; d0 < D; d0 += 16)
       _mm512_storeu_ps(out + d0, _mm512_add_ps(zv, _mm512_mul_ps(rv, lookup(table, unpack(run + d0 / 8 * B)))));
   }
-  add_outliers(L, page, head, n, dst);
+  add_outliers_listed(L, page, head, n, dst);
 }
 
 // Pre-RoPE per-channel keys, stages fused (as keys_quant_rotated on AVX2):
@@ -104,7 +112,11 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     const uint8_t* run = page + int64_t(c) * L.run_bytes;
     for (int g = 0; g < groups; ++g) _mm512_storeu_ps(dst + int64_t(d) * T + 16 * g, lookup(table, unpack(run + 2 * B * g)));
   }
-  for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
+  OutlierHits hits;
+  if (collect_outliers(L, page, head, n, hits))
+    add_rotated_hits(hits, dst, cs, half, neox);
+  else
+    for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
 }
 
 }  // namespace

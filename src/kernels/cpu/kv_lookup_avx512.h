@@ -5,6 +5,7 @@
 #pragma once
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "formats/kv_format.h"
@@ -65,6 +66,105 @@ inline void load_scales16(const uint8_t* sc, __m512& zp, __m512& r) {
   const __m512i w = _mm512_loadu_si512(sc);
   zp = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(w, _mm512_set1_epi32(0xffff))));
   r = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+}
+
+// One head's sparse outliers of a page as flat lists in the codec's order:
+// slot j, channel d within the head, residual e. The stored indices are
+// compared 16 at a time and each group's hits compressed together
+// (vpcompressd), so finding them costs no branch per entry or per hit, and the
+// passes over the lists compute 16 hits' addresses and weights at once.
+struct OutlierHits {
+  static constexpr int kMaxEntries = 1024;  // n x 2k; larger rows take kvx::for_each_outlier
+  alignas(64) int32_t slot[kMaxEntries + 16];
+  alignas(64) int32_t chan[kMaxEntries + 16];
+  alignas(64) float res[kMaxEntries + 16];
+  int count = 0;
+};
+
+// Fills `h` with the outliers of slots [0, n) that fall in `head`. False when
+// the page holds more entries than the lists take (nothing filled).
+inline bool collect_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, OutlierHits& h) {
+  h.count = 0;
+  const int k2 = 2 * L.outliers_per_tail, entries = n * k2;
+  if (entries > OutlierHits::kMaxEntries) return false;
+  const uint8_t* res = page + L.res_off;
+  const uint8_t* idx = page + L.idx_off;
+  const __m512i first = _mm512_set1_epi32(head * L.head_dim), dim = _mm512_set1_epi32(L.head_dim);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Entry e belongs to slot e / k2 = (e * m) >> 20, exact for e * k2 < 2^20.
+  const __m512i magic = _mm512_set1_epi32(k2 ? (1 << 20) / k2 + 1 : 0);
+  for (int e0 = 0; e0 < entries; e0 += 16) {
+    const __mmask16 valid = entries - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (entries - e0)) - 1);
+    const __m512i index = L.idx_bytes == 1 ? _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, idx + e0))
+                                           : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, idx + 2 * e0));
+    const __m512i d = _mm512_sub_epi32(index, first);
+    const __mmask16 hit = _mm512_mask_cmplt_epu32_mask(valid, d, dim);  // index - first wraps when below
+    const __m512i j = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(e0), lanes), magic), 20);
+    const __m512 e = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, res + 2 * e0));
+    _mm512_storeu_si512(h.slot + h.count, _mm512_maskz_compress_epi32(hit, j));
+    _mm512_storeu_si512(h.chan + h.count, _mm512_maskz_compress_epi32(hit, d));
+    _mm512_storeu_ps(h.res + h.count, _mm512_maskz_compress_ps(hit, e));
+    h.count += __builtin_popcount(hit);
+  }
+  return true;
+}
+
+// Stage "outlier residuals" of a decoded tile from the lists: element (j, d)
+// at dst[d * ds + j * js] += e, in the codec's order (as kvx::add_outliers).
+inline void add_hits(const OutlierHits& h, float* dst, int64_t ds, int64_t js) {
+  for (int k = 0; k < h.count; ++k) dst[h.chan[k] * ds + h.slot[k] * js] += h.res[k];
+}
+
+// The residuals added to a channel-major key tile already rotated by the
+// page's angles, each rotated as its element is (add_rotated_residual: the same
+// products, added in the same order): 16 hits' two target elements and weights
+// computed at once, the adds then one by one (two hits of a slot can fall on
+// the same rotated pair).
+inline void add_rotated_hits(const OutlierHits& h, float* kt, const float* cs, int half, bool neox) {
+  constexpr int T = kKvPageTokens;
+  alignas(64) int32_t at_a[16], at_b[16];
+  alignas(64) float va[16], vb[16];
+  const __m512i vhalf = _mm512_set1_epi32(half), one_i = _mm512_set1_epi32(1), vT = _mm512_set1_epi32(T);
+  for (int k0 = 0; k0 < h.count; k0 += 16) {
+    const int m = std::min(16, h.count - k0);
+    const __mmask16 live = __mmask16((1u << m) - 1);
+    const __m512i j = _mm512_load_si512(h.slot + k0), d = _mm512_load_si512(h.chan + k0);
+    const __m512 e = _mm512_load_ps(h.res + k0);
+    // Pair i and which of its channels d is; channels past the rotated ones
+    // keep weight (1, 0) on (d, d).
+    const __mmask16 rotated = _mm512_mask_cmplt_epi32_mask(live, d, _mm512_add_epi32(vhalf, vhalf));
+    __m512i i, ch_a, ch_b;
+    __mmask16 second;
+    if (neox) {
+      second = _mm512_cmpge_epi32_mask(d, vhalf);
+      i = _mm512_mask_sub_epi32(d, second, d, vhalf);
+      ch_a = i;
+      ch_b = _mm512_add_epi32(i, vhalf);
+    } else {
+      second = _mm512_test_epi32_mask(d, one_i);
+      i = _mm512_srli_epi32(d, 1);
+      ch_a = _mm512_andnot_si512(one_i, d);
+      ch_b = _mm512_or_si512(d, one_i);
+    }
+    ch_a = _mm512_mask_mov_epi32(d, rotated, ch_a);
+    ch_b = _mm512_mask_mov_epi32(d, rotated, ch_b);
+    second &= rotated;
+    const __m512i at_c = _mm512_add_epi32(_mm512_mullo_epi32(i, vT), j);
+    const __m512 c = _mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), rotated, at_c, cs, 4);
+    const __m512 sn = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rotated, _mm512_add_epi32(at_c, _mm512_mullo_epi32(vhalf, vT)), cs, 4);
+    // First channel of its pair: (x' += e c, y' += e s); second: (x' -= e s, y' += e c).
+    const __m512 neg_sn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sn), _mm512_set1_epi32(int32_t(0x80000000u))));
+    const __m512 wa = _mm512_mask_mov_ps(c, second, neg_sn);
+    const __m512 wb = _mm512_mask_mov_ps(sn, second, c);
+    _mm512_store_si512(at_a, _mm512_add_epi32(_mm512_mullo_epi32(ch_a, vT), j));
+    _mm512_store_si512(at_b, _mm512_add_epi32(_mm512_mullo_epi32(ch_b, vT), j));
+    _mm512_store_ps(va, _mm512_mul_ps(e, wa));
+    _mm512_store_ps(vb, _mm512_mul_ps(e, wb));
+    for (int k = 0; k < m; ++k) {
+      kt[at_a[k]] += va[k];
+      kt[at_b[k]] += vb[k];
+    }
+  }
 }
 
 }  // namespace
