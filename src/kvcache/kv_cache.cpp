@@ -358,6 +358,26 @@ void KvLayerView::page_angles(int64_t p, float* cs) const {
   }
 }
 
+// The angles that rotate page p's pre-RoPE keys: the offsets' table when the
+// caller turned its queries back by the page's first angle, else the page's
+// absolute angles composed into a per-thread buffer.
+static const float* key_angles(const KvLayerView& kv, int64_t p, bool page_relative) {
+  KVQ_ASSERT(!page_relative || (kv.keys_pre_rope && kv.page_consecutive(p)));
+  if (page_relative) return kv.rope_rel_cs;
+  thread_local std::vector<float> absolute;
+  absolute.resize(size_t(kv.rope->spec().n_rot) * kKvPageTokens);
+  kv.page_angles(p, absolute.data());
+  return absolute.data();
+}
+
+bool KvLayerView::score_keys(int64_t p, int head, const float* q, int rows, float* s, int64_t fp_from,
+                             bool page_relative) const {
+  if (!keys_pre_rope || !all_quantized(p, fp_from)) return false;
+  const RopeSpec& spec = rope->spec();
+  return kv_score_rotated_keys(*k_codec, pages[p], head, page_tokens(p), key_angles(*this, p, page_relative),
+                               spec.n_rot / 2, spec.neox, q, rows, s);
+}
+
 void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, bool page_relative) const {
   const int n = page_tokens(p);
   const RopeSpec& spec = rope->spec();
@@ -365,14 +385,7 @@ void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, b
   KVQ_ASSERT(!page_relative || (keys_pre_rope && page_consecutive(p)));
   const float* cs = nullptr;
   if (keys_pre_rope) {
-    if (page_relative) {
-      cs = rope_rel_cs;
-    } else {
-      thread_local std::vector<float> absolute;
-      absolute.resize(size_t(2 * half) * kKvPageTokens);
-      page_angles(p, absolute.data());
-      cs = absolute.data();
-    }
+    cs = key_angles(*this, p, page_relative);
     if (all_quantized(p, fp_from)) {
       // No full-precision slot in this page: decode and rotate in one pass
       // where the format has a fused kernel.

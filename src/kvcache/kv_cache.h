@@ -82,6 +82,13 @@ struct KvLayerView {
   // the page alone (see rope_rel_cs).
   void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow, bool page_relative = false) const;
   void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
+  // The scores s[r * 64 + j] = q_r . k_j of `rows` query rows (q[r * head_dim
+  // + d]) against page p's keys of one head, as decode_keys would give them,
+  // computed where the keys are decoded (kv_score_rotated_keys). False, with
+  // nothing written, where that has no path: keys not pre-RoPE, a slot in full
+  // precision, a layout or decoder without it.
+  bool score_keys(int64_t p, int head, const float* q, int rows, float* s, int64_t fp_from = kKvNoWindow,
+                  bool page_relative = false) const;
   // Page p's absolute angles in rope_rel_cs's layout, written to `cs` (n_rot x
   // 64 floats): composed from the page's first angle and the offsets' angles
   // where its positions run consecutively (cos(a+b) = cos a cos b - sin a sin b,

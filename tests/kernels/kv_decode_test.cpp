@@ -325,6 +325,84 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
   }
 }
 
+// Keys scored where they are decoded (kv_score_rotated_keys) against the
+// fused decode + rotation followed by plain dot products: 1-3 query rows,
+// head sizes, partial rotation, both pairings, awkward page fills, and a row
+// of 16 heads x 128 whose 1 % outliers (22 a slot) overflow the hit lists, so
+// the scalar walk is checked too. Equal up to summation order.
+TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
+  for (const DecoderPath& path : decoder_paths()) {
+    SCOPED_TRACE(path.name);
+    const DecoderScope scope(path);
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
+    int checked = 0;
+    for (const KvFormat& f : kv_format_table()) {
+      if (!f.keys_pre_rope) continue;
+      for (const KvGeometry g : {KvGeometry{3, 64}, KvGeometry{3, 32}, KvGeometry{3, 80}, KvGeometry{3, 128},
+                                 KvGeometry{16, 128}}) {
+        const int hd = g.head_dim;
+        if (g.n_kv_heads == 16 && f.outlier_fraction == 0) continue;  // only there for the outlier walk
+        const KvTensorCalibration cal = make_cal(f, g.row(), rng);
+        const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
+        const bool scores = path.decoders == TileDecoders::avx512 && f.scheme == KvScheme::quant &&
+                            f.key_scaling == KvKeyScaling::per_channel && f.bits <= 4;
+        for (int n_rot : {hd, hd / 2}) {
+          const int half = n_rot / 2;
+          std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
+          for (int i = 0; i < half; ++i)
+            for (int j = 0; j < kKvPageTokens; ++j) {
+              const float t = ang(rng);
+              cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
+              cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
+            }
+          for (bool neox : {false, true})
+            for (int n : {1, 33, 64}) {
+              std::vector<uint8_t> page(codec->page_bytes(), 0);
+              std::vector<float> row(size_t(g.row()));
+              for (int j = 0; j < n; ++j) {
+                for (auto& x : row) x = nd(rng) * 1.5f;
+                row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
+                codec->encode(row.data(), j, page.data());
+              }
+              for (int head : {0, g.n_kv_heads - 1})
+                for (int rows = 1; rows <= 4; ++rows) {
+                  std::vector<float> q(size_t(rows) * hd);
+                  for (auto& x : q) x = nd(rng);
+                  std::vector<float> got(size_t(rows) * kKvPageTokens, 0.0f);
+                  ASSERT_EQ(kv_score_rotated_keys(*codec, page.data(), head, n, cs.data(), half, neox, q.data(), rows,
+                                                  got.data()),
+                            scores && rows <= 3)
+                      << f.name << " rows=" << rows;
+                  if (!scores || rows > 3) continue;
+                  std::vector<float> kt(size_t(hd) * kKvPageTokens, 0.0f);
+                  if (!kv_decode_rotate_keys(*codec, page.data(), head, n, kt.data(), cs.data(), half, neox)) {
+                    kv_decode_tile(*codec, page.data(), head, n, kt.data());
+                    kv_rotate_key_tile(kt.data(), n, cs.data(), half, neox);
+                  }
+                  for (int r = 0; r < rows; ++r)
+                    for (int j = 0; j < n; ++j) {
+                      double want = 0, mag = 0;
+                      for (int d = 0; d < hd; ++d) {
+                        const double t = double(q[size_t(r) * hd + d]) * kt[size_t(d) * kKvPageTokens + j];
+                        want += t;
+                        mag += std::fabs(t);
+                      }
+                      ASSERT_LE(std::fabs(got[size_t(r) * kKvPageTokens + j] - want), 2e-6 * mag + 1e-30)
+                          << f.name << " " << g.n_kv_heads << "x" << hd << " n_rot=" << n_rot << " neox=" << neox
+                          << " n=" << n << " head=" << head << " rows=" << rows << " r=" << r << " j=" << j;
+                    }
+                  ++checked;
+                }
+            }
+        }
+      }
+    }
+    if (path.decoders == TileDecoders::avx512) EXPECT_GT(checked, 0);
+  }
+}
+
 // The cache's view (decode + sink/window patches + rotation at each slot's
 // position) gives the same tiles on the fast and the scalar path.
 TEST(KvDecode, CacheViewTilesSameOnBothPaths) {

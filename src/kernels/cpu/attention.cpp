@@ -219,6 +219,10 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   // (The scalar reference keeps rotating each key at its own position.)
   const bool relative_rope = kernel != AttentionKernel::scalar && kv.keys_pre_rope && rows_max <= kRelativeRopeMaxRows;
   const int half_rot = kv.rope ? kv.rope->spec().n_rot / 2 : 0;
+  // Scores computed by the key decoder (KvLayerView::score_keys): AVX-512, up
+  // to 3 rows (decode of a GQA group of <= 3; more rows would decode the keys
+  // once per 3).
+  const bool score_in_decode = kernel == AttentionKernel::avx512 && rows_max <= 3;
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
@@ -284,10 +288,14 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
             q = sc.q_page.data();
           }
           if (fp_some >= fp_all || fp_some >= s1 || fp_all <= s0) {
-            kv.decode_keys(p, kvh, sc.kt.data(), fp_all, relative);
+            // Keys scored where they are decoded when the step can take the
+            // scores (the key tile then never leaves registers).
+            const bool scored = score_in_decode && kv.score_keys(p, kvh, q, rows, sc.s.data(), fp_all, relative);
+            if (!scored) kv.decode_keys(p, kvh, sc.kt.data(), fp_all, relative);
             prefetch.next_slice();
             attn::TileStep ts{q, rows, hd, sc.kt.data(), sc.v.data(), n, kv.positions + s0,
                               sc.row_pos.data(), sc.m.data() + hr, sc.l.data() + hr, sc.acc.data() + hr * hd, sc.s.data()};
+            ts.scored = scored;
             // Values accumulated straight from the packed codes redo the lookups
             // for every 3 query rows: that pays for a few rows (decode); more
             // rows decode the value tile once and reuse it.

@@ -191,7 +191,7 @@ template <int R>
 void rows_block(const TileStep& t, int r0) {
   const float* q = t.q + int64_t(r0) * t.hd;
   float* s = t.s + int64_t(r0) * kTile;
-  scores<R>(q, t.hd, t.kt, s);
+  if (!t.scored) scores<R>(q, t.hd, t.kt, s);
 
   const float neg_inf = -std::numeric_limits<float>::infinity();
   bool any = false;

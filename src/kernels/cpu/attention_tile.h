@@ -24,6 +24,9 @@ struct TileStep {
   float* l;               // [rows] running sum of exp
   float* acc;             // [rows][hd] running output (unnormalised)
   float* s;               // scratch [rows][kTile]
+  // s already holds the rows' scores (KvLayerView::score_keys; kt unused):
+  // only the AVX-512 step takes such a step.
+  bool scored = false;
   // Values read straight from their page (the SIMD steps, when
   // packed_values_supported): the value decode fused into the accumulation.
   const KvCodecLayout* v_layout = nullptr;

@@ -73,6 +73,16 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
   }
 }
 
+bool kv_score_rotated_keys(const KvCodec& codec, const uint8_t* page, int head, int n, const float* cs, int half,
+                           bool neox, const float* q, int rows, float* s) {
+#if defined(__x86_64__)
+  if (tile_decoders() == TileDecoders::avx512)
+    return simd::kv_score_rotated_keys_avx512(codec.layout(), page, head, n, cs, half, neox, q, rows, s);
+#endif
+  (void)codec, (void)page, (void)head, (void)n, (void)cs, (void)half, (void)neox, (void)q, (void)rows, (void)s;
+  return false;
+}
+
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
   switch (tile_decoders()) {
 #if defined(__x86_64__)

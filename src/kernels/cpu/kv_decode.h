@@ -46,6 +46,17 @@ void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox);
 
+// Scores of `rows` query rows (q[r * head_dim + d], 1 <= rows <= 3) against
+// one head's keys of a pre-RoPE format, every stage fused: decode, rotation by
+// cs, the dot products, then the outlier residuals' share; the key tile never
+// leaves registers. s[r * kKvPageTokens + j] = q_r . k_j for slots j < n
+// (slots past n unspecified). Equals kv_decode_rotate_keys followed by the dot
+// products up to floating-point reordering. False when there is no such path
+// (it needs the AVX-512 decoders and per-channel quant keys of 2-4 bits): the
+// caller then decodes the tile and scores it.
+bool kv_score_rotated_keys(const KvCodec& codec, const uint8_t* page, int head, int n, const float* cs, int half,
+                           bool neox, const float* q, int rows, float* s);
+
 enum class TileDecoders { automatic, codec, avx2, portable, avx512 };
 TileDecoders tile_decoders();  // the decoders that run now (never automatic)
 // Process-wide pin, for tests and benchmarks (automatic: the rule above);
@@ -85,6 +96,18 @@ inline void add_rotated_residual(float* kt, int j, int d, float e, const float* 
   kt[int64_t(rope_channel(i, false, half, neox)) * T + j] += e * w[2 * second];
   kt[int64_t(rope_channel(i, true, half, neox)) * T + j] += e * w[2 * second + 1];
 }
+// q . (the sparse residual e of key element (slot j, channel d), rotated as
+// its element is): a residual's share of a score (add_rotated_residual's two
+// adds, dotted with the query row q).
+inline float rotated_residual_dot(const float* q, int j, int d, float e, const float* cs, int half, bool neox) {
+  constexpr int T = kKvPageTokens;
+  if (d >= 2 * half) return q[d] * e;
+  const int i = neox ? (d >= half ? d - half : d) : d / 2;
+  const int second = neox ? int(d >= half) : d & 1;
+  const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
+  const float w[4] = {c, sn, -sn, c};
+  return q[rope_channel(i, false, half, neox)] * (e * w[2 * second]) + q[rope_channel(i, true, half, neox)] * (e * w[2 * second + 1]);
+}
 }  // namespace
 
 // Return false when the layout has no fast path (the caller falls back).
@@ -96,6 +119,8 @@ bool kv_decode_rotate_keys_avx2(const KvCodecLayout& layout, const uint8_t* page
 bool kv_decode_tile_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
 bool kv_decode_rotate_keys_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
                                   const float* cs, int half, bool neox);
+bool kv_score_rotated_keys_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, const float* cs,
+                                  int half, bool neox, const float* q, int rows, float* s);
 // The portable decoders (kv_decode_hwy.cpp), at the Highway target dispatch
 // picks (attn::pin_portable_target pins it); false: no path for this layout
 // or target (the one-lane baseline declines everything).

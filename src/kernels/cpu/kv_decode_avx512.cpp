@@ -8,6 +8,8 @@
 // to rounding, as on AVX2). Other layouts go to the AVX2 decoders.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/cpu/kv_decode.h"
 #include "kernels/cpu/kv_lookup_avx2.h"
 #include "kernels/cpu/kv_lookup_avx512.h"
@@ -119,7 +121,119 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
 }
 
+// row[idx] for the live lanes (idx < D): by permutes across the row's (up to)
+// 4 registers when D <= 64, else gathered.
+inline __m512 row_lookup(const float* row, int D, __m512i idx, __mmask16 live) {
+  if (D > 64) return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, row, 4);
+  auto part = [&](int k) {
+    const int left = std::clamp(D - 16 * k, 0, 16);
+    return _mm512_maskz_loadu_ps(__mmask16((1u << left) - 1), row + 16 * k);
+  };
+  const __m512 lo = _mm512_permutex2var_ps(part(0), idx, part(1)), hi = _mm512_permutex2var_ps(part(2), idx, part(3));
+  return _mm512_mask_mov_ps(lo, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
+}
+
+// Pre-RoPE per-channel keys scored by R query rows where they are decoded:
+// per rotated pair, 16 slots at a time, both channels looked up and rotated
+// (as keys_quant_rotated) and multiplied into the rows' 3 x 4 score
+// accumulators; the outlier residuals' shares added to the stored scores.
+template <int B, int R>
+void score_keys_rotated(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs, int half,
+                        bool neox, const float* q, float* s) {
+  static_assert(T == 64, "a row's scores are four registers");
+  const Unpack16<B> unpack;
+  const int D = L.head_dim;
+  __m512 acc[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int i = 0; i < half; ++i) {
+    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
+    const int ca = head * D + a, cb = head * D + b;
+    const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
+    const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
+    const __m512 ta = channel_table<B>(L, ca), tb = channel_table<B>(L, cb);
+    const float* c = cs + i * T;
+    const float* sn = cs + (half + i) * T;
+    __m512 qa[R], qb[R];
+    for (int r = 0; r < R; ++r) {
+      qa[r] = _mm512_set1_ps(q[r * D + a]);
+      qb[r] = _mm512_set1_ps(q[r * D + b]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {  // slots past n: finite codes of a zeroed page, masked by the step
+      const __m512 x = lookup(ta, unpack(ra + 2 * B * g)), y = lookup(tb, unpack(rb + 2 * B * g));
+      const __m512 cv = _mm512_loadu_ps(c + 16 * g), sv = _mm512_loadu_ps(sn + 16 * g);
+      const __m512 xr = _mm512_fmsub_ps(x, cv, _mm512_mul_ps(y, sv)), yr = _mm512_fmadd_ps(x, sv, _mm512_mul_ps(y, cv));
+      for (int r = 0; r < R; ++r) acc[r][g] = _mm512_fmadd_ps(qb[r], yr, _mm512_fmadd_ps(qa[r], xr, acc[r][g]));
+    }
+  }
+  for (int d = 2 * half; d < D; ++d) {  // channels past the rotated ones
+    const int c = head * D + d;
+    const __m512 table = channel_table<B>(L, c);
+    const uint8_t* run = page + int64_t(c) * L.run_bytes;
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      const __m512 x = lookup(table, unpack(run + 2 * B * g));
+      for (int r = 0; r < R; ++r) acc[r][g] = _mm512_fmadd_ps(_mm512_set1_ps(q[r * D + d]), x, acc[r][g]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(s + r * T + 16 * g, acc[r][g]);
+  OutlierHits hits;
+  if (!collect_outliers(L, page, head, n, hits)) {
+    for_each_outlier(L, page, head, n, [&](int j, int d, float e) {
+      for (int r = 0; r < R; ++r) s[r * T + j] += rotated_residual_dot(q + r * D, j, d, e, cs, half, neox);
+    });
+    return;
+  }
+  // Each hit's share q_r[ch_a] va + q_r[ch_b] vb, 16 hits at once (the rows'
+  // elements looked up by channel), then added to its slot's scores one by one
+  // (hits of a slot share its scores).
+  RotatedHits16 rh;
+  alignas(64) float share[R][16];
+  for (int k0 = 0; k0 < hits.count; k0 += 16) {
+    rotate_hits(hits, k0, cs, half, neox, rh);
+    const __mmask16 live = __mmask16((1u << rh.m) - 1);
+    const __m512i ia = _mm512_load_si512(rh.ch_a), ib = _mm512_load_si512(rh.ch_b);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qa = row_lookup(q + r * D, D, ia, live), qb = row_lookup(q + r * D, D, ib, live);
+      _mm512_store_ps(share[r], _mm512_fmadd_ps(qb, _mm512_load_ps(rh.vb), _mm512_mul_ps(qa, _mm512_load_ps(rh.va))));
+    }
+    for (int k = 0; k < rh.m; ++k) {
+      const int j = hits.slot[k0 + k];
+      for (int r = 0; r < R; ++r) s[r * T + j] += share[r][k];
+    }
+  }
+}
+
+template <int B>
+void score_keys_rotated_rows(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs, int half,
+                             bool neox, const float* q, int rows, float* s) {
+  switch (rows) {
+    case 1: return score_keys_rotated<B, 1>(L, page, head, n, cs, half, neox, q, s);
+    case 2: return score_keys_rotated<B, 2>(L, page, head, n, cs, half, neox, q, s);
+    default: return score_keys_rotated<B, 3>(L, page, head, n, cs, half, neox, q, s);
+  }
+}
+
 }  // namespace
+
+bool kv_score_rotated_keys_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs,
+                                  int half, bool neox, const float* q, int rows, float* s) {
+  if (L.scheme != KvScheme::quant || L.role != KvRole::key || !L.per_channel || !L.levels || !L.zp || !L.range ||
+      rows < 1 || rows > 3)
+    return false;
+  switch (L.bits) {
+    case 2: score_keys_rotated_rows<2>(L, page, head, n, cs, half, neox, q, rows, s); return true;
+    case 3: score_keys_rotated_rows<3>(L, page, head, n, cs, half, neox, q, rows, s); return true;
+    case 4: score_keys_rotated_rows<4>(L, page, head, n, cs, half, neox, q, rows, s); return true;
+    default: return false;
+  }
+}
 
 bool kv_decode_rotate_keys_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst,
                                   const float* cs, int half, bool neox) {

@@ -115,54 +115,64 @@ inline void add_hits(const OutlierHits& h, float* dst, int64_t ds, int64_t js) {
   for (int k = 0; k < h.count; ++k) dst[h.chan[k] * ds + h.slot[k] * js] += h.res[k];
 }
 
+// Where 16 listed residuals (hits k0.., m of them) land once rotated by the
+// page's angles, as add_rotated_residual places one: e * wa on channel ch_a and
+// e * wb on ch_b of slot j (a channel past the rotated ones: e on itself, 0 on
+// itself again).
+struct RotatedHits16 {
+  alignas(64) int32_t ch_a[16], ch_b[16];
+  alignas(64) float va[16], vb[16];
+  int m = 0;
+};
+
+inline void rotate_hits(const OutlierHits& h, int k0, const float* cs, int half, bool neox, RotatedHits16& out) {
+  constexpr int T = kKvPageTokens;
+  out.m = std::min(16, h.count - k0);
+  const __mmask16 live = __mmask16((1u << out.m) - 1);
+  const __m512i vhalf = _mm512_set1_epi32(half), one_i = _mm512_set1_epi32(1), vT = _mm512_set1_epi32(T);
+  const __m512i j = _mm512_load_si512(h.slot + k0), d = _mm512_load_si512(h.chan + k0);
+  const __m512 e = _mm512_load_ps(h.res + k0);
+  // Pair i and which of its channels d is.
+  const __mmask16 rotated = _mm512_mask_cmplt_epi32_mask(live, d, _mm512_add_epi32(vhalf, vhalf));
+  __m512i i, ch_a, ch_b;
+  __mmask16 second;
+  if (neox) {
+    second = _mm512_cmpge_epi32_mask(d, vhalf);
+    i = _mm512_mask_sub_epi32(d, second, d, vhalf);
+    ch_a = i;
+    ch_b = _mm512_add_epi32(i, vhalf);
+  } else {
+    second = _mm512_test_epi32_mask(d, one_i);
+    i = _mm512_srli_epi32(d, 1);
+    ch_a = _mm512_andnot_si512(one_i, d);
+    ch_b = _mm512_or_si512(d, one_i);
+  }
+  second &= rotated;
+  const __m512i at_c = _mm512_add_epi32(_mm512_mullo_epi32(i, vT), j);
+  const __m512 c = _mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), rotated, at_c, cs, 4);
+  const __m512 sn =
+      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rotated, _mm512_add_epi32(at_c, _mm512_mullo_epi32(vhalf, vT)), cs, 4);
+  // First channel of its pair: (x' += e c, y' += e s); second: (x' -= e s, y' += e c).
+  const __m512 neg_sn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sn), _mm512_set1_epi32(int32_t(0x80000000u))));
+  _mm512_store_si512(out.ch_a, _mm512_mask_mov_epi32(d, rotated, ch_a));
+  _mm512_store_si512(out.ch_b, _mm512_mask_mov_epi32(d, rotated, ch_b));
+  _mm512_store_ps(out.va, _mm512_mul_ps(e, _mm512_mask_mov_ps(c, second, neg_sn)));
+  _mm512_store_ps(out.vb, _mm512_mul_ps(e, _mm512_mask_mov_ps(sn, second, c)));
+}
+
 // The residuals added to a channel-major key tile already rotated by the
 // page's angles, each rotated as its element is (add_rotated_residual: the same
-// products, added in the same order): 16 hits' two target elements and weights
-// computed at once, the adds then one by one (two hits of a slot can fall on
-// the same rotated pair).
+// products, added in the same order); the adds one by one, since two hits of a
+// slot can fall on the same rotated pair.
 inline void add_rotated_hits(const OutlierHits& h, float* kt, const float* cs, int half, bool neox) {
   constexpr int T = kKvPageTokens;
-  alignas(64) int32_t at_a[16], at_b[16];
-  alignas(64) float va[16], vb[16];
-  const __m512i vhalf = _mm512_set1_epi32(half), one_i = _mm512_set1_epi32(1), vT = _mm512_set1_epi32(T);
+  RotatedHits16 r;
   for (int k0 = 0; k0 < h.count; k0 += 16) {
-    const int m = std::min(16, h.count - k0);
-    const __mmask16 live = __mmask16((1u << m) - 1);
-    const __m512i j = _mm512_load_si512(h.slot + k0), d = _mm512_load_si512(h.chan + k0);
-    const __m512 e = _mm512_load_ps(h.res + k0);
-    // Pair i and which of its channels d is; channels past the rotated ones
-    // keep weight (1, 0) on (d, d).
-    const __mmask16 rotated = _mm512_mask_cmplt_epi32_mask(live, d, _mm512_add_epi32(vhalf, vhalf));
-    __m512i i, ch_a, ch_b;
-    __mmask16 second;
-    if (neox) {
-      second = _mm512_cmpge_epi32_mask(d, vhalf);
-      i = _mm512_mask_sub_epi32(d, second, d, vhalf);
-      ch_a = i;
-      ch_b = _mm512_add_epi32(i, vhalf);
-    } else {
-      second = _mm512_test_epi32_mask(d, one_i);
-      i = _mm512_srli_epi32(d, 1);
-      ch_a = _mm512_andnot_si512(one_i, d);
-      ch_b = _mm512_or_si512(d, one_i);
-    }
-    ch_a = _mm512_mask_mov_epi32(d, rotated, ch_a);
-    ch_b = _mm512_mask_mov_epi32(d, rotated, ch_b);
-    second &= rotated;
-    const __m512i at_c = _mm512_add_epi32(_mm512_mullo_epi32(i, vT), j);
-    const __m512 c = _mm512_mask_i32gather_ps(_mm512_set1_ps(1.0f), rotated, at_c, cs, 4);
-    const __m512 sn = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), rotated, _mm512_add_epi32(at_c, _mm512_mullo_epi32(vhalf, vT)), cs, 4);
-    // First channel of its pair: (x' += e c, y' += e s); second: (x' -= e s, y' += e c).
-    const __m512 neg_sn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sn), _mm512_set1_epi32(int32_t(0x80000000u))));
-    const __m512 wa = _mm512_mask_mov_ps(c, second, neg_sn);
-    const __m512 wb = _mm512_mask_mov_ps(sn, second, c);
-    _mm512_store_si512(at_a, _mm512_add_epi32(_mm512_mullo_epi32(ch_a, vT), j));
-    _mm512_store_si512(at_b, _mm512_add_epi32(_mm512_mullo_epi32(ch_b, vT), j));
-    _mm512_store_ps(va, _mm512_mul_ps(e, wa));
-    _mm512_store_ps(vb, _mm512_mul_ps(e, wb));
-    for (int k = 0; k < m; ++k) {
-      kt[at_a[k]] += va[k];
-      kt[at_b[k]] += vb[k];
+    rotate_hits(h, k0, cs, half, neox, r);
+    for (int k = 0; k < r.m; ++k) {
+      const int j = h.slot[k0 + k];
+      kt[r.ch_a[k] * T + j] += r.va[k];
+      kt[r.ch_b[k] * T + j] += r.vb[k];
     }
   }
 }
