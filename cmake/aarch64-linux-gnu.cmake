@@ -1,5 +1,6 @@
-# Cross-compiling kvq for 64-bit Arm Linux on a Debian/Ubuntu x86-64 host, to check
-# that the portable kernels build for NEON/SVE and to run the tests under QEMU:
+# Cross-compiling kvq for 64-bit Arm Linux on a Debian/Ubuntu x86-64 host, to check that
+# the portable kernels build for NEON/SVE and to run the tests under QEMU
+# (scripts/test-aarch64.sh does all of the below):
 #   sudo dpkg --add-architecture arm64 && sudo apt-get update
 #   sudo apt-get install g++-aarch64-linux-gnu qemu-user \
 #        libhwy-dev:arm64 libfmt-dev:arm64 libgtest-dev:arm64

@@ -7,6 +7,8 @@
 #      excluded there: that label is reserved for heavy whole-model runs that are
 #      too slow under the sanitizers (they still run in the release stage).
 #   5. scripts/fuzz.sh 60 (GGUF reader under libFuzzer), when present.
+#   6. scripts/test-aarch64.sh: the tests of the portable (NEON/SVE) kernels,
+#      cross-built for 64-bit Arm and run under QEMU.
 # Prints the time of each stage and the ctest summaries; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +64,7 @@ stage "asan: build" build_preset asan
 if [[ ${summary[-1]} == *ok ]]; then stage "asan: ctest" ctest_preset asan -LE asan_skip; fi
 
 if [ -x scripts/fuzz.sh ]; then stage "fuzz (60 s)" scripts/fuzz.sh 60; fi
+stage "aarch64: build, QEMU tests" scripts/test-aarch64.sh
 
 echo
 echo "==> ctest summaries"

@@ -399,7 +399,9 @@ TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
         }
       }
     }
-    if (path.decoders == TileDecoders::avx512) EXPECT_GT(checked, 0);
+    if (path.decoders == TileDecoders::avx512) {
+      EXPECT_GT(checked, 0);
+    }
   }
 }
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The portable kernels on 64-bit Arm: cross-builds the test binary for aarch64
+# (cmake/aarch64-linux-gnu.cmake) and runs the packed-cache decoder, attention,
+# RoPE and cache tests under QEMU user-mode emulation, where Highway picks its
+# NEON/SVE targets. Installs the cross compiler, QEMU and the arm64 libraries
+# first when they are missing (Debian 12; adds the arm64 architecture to dpkg).
+#
+# usage: scripts/test-aarch64.sh [GTEST_FILTER]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+filter=${1:-'KvDecode.*:Attention*:Rope*:KvCache*'}
+sudo_cmd=""
+[ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+packages=(g++-aarch64-linux-gnu qemu-user libhwy-dev:arm64 libfmt-dev:arm64 libgtest-dev:arm64)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "kvq: installing for the aarch64 cross-build: ${missing[*]}"
+  dpkg --print-foreign-architectures | grep -qx arm64 || $sudo_cmd dpkg --add-architecture arm64
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+build=build/aarch64
+cmake -B "$build" -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake -DCMAKE_BUILD_TYPE=Release \
+  -DKVQ_BUILD_BENCH=OFF >/dev/null
+cmake --build "$build" -j"${KVQ_JOBS:-$(nproc)}" --target kvq_tests
+# The loader named explicitly (see the toolchain file: with -L, thread joins hung under QEMU 7.2).
+qemu-aarch64 /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 \
+  --library-path /usr/aarch64-linux-gnu/lib:/usr/lib/aarch64-linux-gnu \
+  "$build/tests/kvq_tests" --gtest_filter="$filter" --gtest_brief=1
