@@ -153,7 +153,8 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 // packed, mostly cache-resident) attended by one query token on one thread,
 // repeated; "ns/tile" per (page, KV head) tile of keys and values. The
 // /avx2, /avx512, /portable and /scalar variants pin that tile kernel (the label names
-// the one run); /portable+ also the portable tile decoders (what a CPU without AVX2
+// the one run); /avx2-cpu also the AVX2 decoders (what a CPU whose top level is
+// AVX2 runs); /portable+ also the portable tile decoders (what a CPU without AVX2
 // runs: Arm, older x86), /portable-codecs the codecs' decode beside it (what
 // such CPUs ran before the portable decoders).
 void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders) {
@@ -279,6 +280,7 @@ int register_all() {
     };
     for (const Variant& v : {Variant{"", AttentionKernel::automatic, TileDecoders::automatic},
                              Variant{"/avx2", AttentionKernel::avx2, TileDecoders::automatic},
+                             Variant{"/avx2-cpu", AttentionKernel::avx2, TileDecoders::avx2},
                              Variant{"/avx512", AttentionKernel::avx512, TileDecoders::automatic},
                              Variant{"/portable", AttentionKernel::portable, TileDecoders::automatic},
                              Variant{"/portable+", AttentionKernel::portable, TileDecoders::portable},
