@@ -108,12 +108,38 @@ KvTensorCalibration make_cal(const KvFormat& f, int row, std::mt19937& rng) {
 
 bool same_bits(float a, float b) { return std::memcmp(&a, &b, 4) == 0; }
 
+// A page part holding n encoded rows of Gaussian noise, each with one large
+// element now and then (an outlier for the formats that keep them).
+std::vector<uint8_t> random_page(const KvCodec& codec, const KvGeometry& g, int n, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<uint8_t> page(codec.page_bytes(), 0);  // exactly one page part: an overrun is an ASan error
+  std::vector<float> row(size_t(g.row()));
+  for (int j = 0; j < n; ++j) {
+    for (auto& x : row) x = nd(rng) * 1.5f;
+    row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
+    codec.encode(row.data(), j, page.data());
+  }
+  return page;
+}
+
+// A page-transposed angle table (kv_rotate_key_tile's cs) of random angles.
+std::vector<float> random_angles(int half, std::mt19937& rng) {
+  std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
+  std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
+  for (int i = 0; i < half; ++i)
+    for (int j = 0; j < kKvPageTokens; ++j) {
+      const float t = ang(rng);
+      cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
+      cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
+    }
+  return cs;
+}
+
 TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
   for (const DecoderPath& path : decoder_paths()) {
     SCOPED_TRACE(path.name);
     const DecoderScope scope(path);
     std::mt19937 rng(7);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
     for (const KvFormat& f : kv_format_table()) {
       for (int hd : {64, 32, 80, 128, 20}) {
         const KvGeometry g{3, hd};
@@ -121,14 +147,7 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
           const KvTensorCalibration cal = make_cal(f, g.row(), rng);
           const auto codec = make_kv_codec(f, role, g, &cal);
           for (int n : {1, 31, 33, 63, 64}) {
-            // Exactly one page part, so an overrun is an ASan error.
-            std::vector<uint8_t> page(codec->page_bytes(), 0);
-            std::vector<float> row(size_t(g.row()));
-            for (int j = 0; j < n; ++j) {
-              for (auto& x : row) x = nd(rng) * 1.5f;
-              row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);  // an outlier now and then
-              codec->encode(row.data(), j, page.data());
-            }
+            const std::vector<uint8_t> page = random_page(*codec, g, n, rng);
             for (int head = 0; head < g.n_kv_heads; ++head) {
               std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
               codec->decode(page.data(), head, n, want.data());
@@ -259,8 +278,6 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
     SCOPED_TRACE(path.name);
     const DecoderScope scope(path);
     std::mt19937 rng(5);
-    std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
     int checked = 0;
     for (const KvFormat& f : kv_format_table()) {
       if (!f.keys_pre_rope) continue;
@@ -270,22 +287,10 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
         const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
         for (int n_rot : {hd, hd / 2}) {
           const int half = n_rot / 2;
-          std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
-          for (int i = 0; i < half; ++i)
-            for (int j = 0; j < kKvPageTokens; ++j) {
-              const float t = ang(rng);
-              cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
-              cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
-            }
+          const std::vector<float> cs = random_angles(half, rng);
           for (bool neox : {false, true})
             for (int n : {1, 31, 33, 63, 64}) {
-              std::vector<uint8_t> page(codec->page_bytes(), 0);
-              std::vector<float> row(size_t(g.row()));
-              for (int j = 0; j < n; ++j) {
-                for (auto& x : row) x = nd(rng) * 1.5f;
-                row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
-                codec->encode(row.data(), j, page.data());
-              }
+              const std::vector<uint8_t> page = random_page(*codec, g, n, rng);
               for (int head = 0; head < g.n_kv_heads; ++head) {
                 std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
                 kv_decode_tile(*codec, page.data(), head, n, want.data());
@@ -336,7 +341,6 @@ TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
     const DecoderScope scope(path);
     std::mt19937 rng(9);
     std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::uniform_real_distribution<float> ang(-3.14159f, 3.14159f);
     int checked = 0;
     for (const KvFormat& f : kv_format_table()) {
       if (!f.keys_pre_rope) continue;
@@ -350,22 +354,10 @@ TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
                             f.key_scaling == KvKeyScaling::per_channel && f.bits <= 4;
         for (int n_rot : {hd, hd / 2}) {
           const int half = n_rot / 2;
-          std::vector<float> cs(size_t(2 * half) * kKvPageTokens);
-          for (int i = 0; i < half; ++i)
-            for (int j = 0; j < kKvPageTokens; ++j) {
-              const float t = ang(rng);
-              cs[size_t(i) * kKvPageTokens + j] = std::cos(t);
-              cs[size_t(half + i) * kKvPageTokens + j] = std::sin(t);
-            }
+          const std::vector<float> cs = random_angles(half, rng);
           for (bool neox : {false, true})
             for (int n : {1, 33, 64}) {
-              std::vector<uint8_t> page(codec->page_bytes(), 0);
-              std::vector<float> row(size_t(g.row()));
-              for (int j = 0; j < n; ++j) {
-                for (auto& x : row) x = nd(rng) * 1.5f;
-                row[size_t(rng() % row.size())] = 40.0f * (rng() % 2 ? 1 : -1);
-                codec->encode(row.data(), j, page.data());
-              }
+              const std::vector<uint8_t> page = random_page(*codec, g, n, rng);
               for (int head : {0, g.n_kv_heads - 1})
                 for (int rows = 1; rows <= 4; ++rows) {
                   std::vector<float> q(size_t(rows) * hd);

@@ -84,6 +84,29 @@ void values_quant(const KvCodecLayout& L, const uint8_t* page, int head, int n, 
   add_outliers_listed(L, page, head, n, dst);
 }
 
+// Rotated pair i of a head's pre-RoPE per-channel keys (channels a and b),
+// 16 slots at a time: both channels looked up (zp + r L[code]) and rotated by
+// the slots' angles in registers, fused multiply-adds.
+template <int B>
+struct RotatedPair {
+  int a, b;
+  const uint8_t *ra, *rb;
+  __m512 ta, tb;
+  const float *c, *sn;
+  RotatedPair(const KvCodecLayout& L, const uint8_t* page, int head, int i, const float* cs, int half, bool neox)
+      : a(rope_channel(i, false, half, neox)), b(rope_channel(i, true, half, neox)),
+        ra(page + int64_t(head * L.head_dim + a) * L.run_bytes), rb(page + int64_t(head * L.head_dim + b) * L.run_bytes),
+        ta(channel_table<B>(L, head * L.head_dim + a)), tb(channel_table<B>(L, head * L.head_dim + b)),
+        c(cs + i * T), sn(cs + (half + i) * T) {}
+  // Slots 16g..16g+15: x' = x c - y s, y' = x s + y c.
+  void operator()(const Unpack16<B>& unpack, int g, __m512& xr, __m512& yr) const {
+    const __m512 x = lookup(ta, unpack(ra + 2 * B * g)), y = lookup(tb, unpack(rb + 2 * B * g));
+    const __m512 cv = _mm512_loadu_ps(c + 16 * g), sv = _mm512_loadu_ps(sn + 16 * g);
+    xr = _mm512_fmsub_ps(x, cv, _mm512_mul_ps(y, sv));
+    yr = _mm512_fmadd_ps(x, sv, _mm512_mul_ps(y, cv));
+  }
+};
+
 // Pre-RoPE per-channel keys, stages fused (as keys_quant_rotated on AVX2):
 // both channels of each rotated pair looked up, rotated in registers, stored
 // once; then the sparse residuals, rotated like their elements.
@@ -93,18 +116,12 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
   const Unpack16<B> unpack;
   const int D = L.head_dim, groups = (n + 15) / 16;
   for (int i = 0; i < half; ++i) {
-    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
-    const int ca = head * D + a, cb = head * D + b;
-    const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
-    const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
-    const __m512 ta = channel_table<B>(L, ca), tb = channel_table<B>(L, cb);
-    const float* c = cs + i * T;
-    const float* sn = cs + (half + i) * T;
+    const RotatedPair<B> pair(L, page, head, i, cs, half, neox);
     for (int g = 0; g < groups; ++g) {
-      const __m512 x = lookup(ta, unpack(ra + 2 * B * g)), y = lookup(tb, unpack(rb + 2 * B * g));
-      const __m512 cv = _mm512_loadu_ps(c + 16 * g), sv = _mm512_loadu_ps(sn + 16 * g);
-      _mm512_storeu_ps(dst + int64_t(a) * T + 16 * g, _mm512_fmsub_ps(x, cv, _mm512_mul_ps(y, sv)));
-      _mm512_storeu_ps(dst + int64_t(b) * T + 16 * g, _mm512_fmadd_ps(x, sv, _mm512_mul_ps(y, cv)));
+      __m512 x, y;
+      pair(unpack, g, x, y);
+      _mm512_storeu_ps(dst + int64_t(pair.a) * T + 16 * g, x);
+      _mm512_storeu_ps(dst + int64_t(pair.b) * T + 16 * g, y);
     }
   }
   // Channels past the rotated ones (n_rot < head_dim) pass through.
@@ -149,24 +166,17 @@ void score_keys_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) acc[r][g] = _mm512_setzero_ps();
   for (int i = 0; i < half; ++i) {
-    const int a = rope_channel(i, false, half, neox), b = rope_channel(i, true, half, neox);
-    const int ca = head * D + a, cb = head * D + b;
-    const uint8_t* ra = page + int64_t(ca) * L.run_bytes;
-    const uint8_t* rb = page + int64_t(cb) * L.run_bytes;
-    const __m512 ta = channel_table<B>(L, ca), tb = channel_table<B>(L, cb);
-    const float* c = cs + i * T;
-    const float* sn = cs + (half + i) * T;
+    const RotatedPair<B> pair(L, page, head, i, cs, half, neox);
     __m512 qa[R], qb[R];
     for (int r = 0; r < R; ++r) {
-      qa[r] = _mm512_set1_ps(q[r * D + a]);
-      qb[r] = _mm512_set1_ps(q[r * D + b]);
+      qa[r] = _mm512_set1_ps(q[r * D + pair.a]);
+      qb[r] = _mm512_set1_ps(q[r * D + pair.b]);
     }
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {  // slots past n: finite codes of a zeroed page, masked by the step
-      const __m512 x = lookup(ta, unpack(ra + 2 * B * g)), y = lookup(tb, unpack(rb + 2 * B * g));
-      const __m512 cv = _mm512_loadu_ps(c + 16 * g), sv = _mm512_loadu_ps(sn + 16 * g);
-      const __m512 xr = _mm512_fmsub_ps(x, cv, _mm512_mul_ps(y, sv)), yr = _mm512_fmadd_ps(x, sv, _mm512_mul_ps(y, cv));
-      for (int r = 0; r < R; ++r) acc[r][g] = _mm512_fmadd_ps(qb[r], yr, _mm512_fmadd_ps(qa[r], xr, acc[r][g]));
+      __m512 x, y;
+      pair(unpack, g, x, y);
+      for (int r = 0; r < R; ++r) acc[r][g] = _mm512_fmadd_ps(qb[r], y, _mm512_fmadd_ps(qa[r], x, acc[r][g]));
     }
   }
   for (int d = 2 * half; d < D; ++d) {  // channels past the rotated ones
