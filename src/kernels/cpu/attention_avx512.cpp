@@ -121,32 +121,22 @@ inline void accumulate_levels(const Unpack16<B>& unpack, __m512 table, const uin
 // different slots can share a channel).
 template <int R>
 void add_value_outliers(const TileStep& t, const float* p, float* acc) {
-  const KvCodecLayout& L = *t.v_layout;
-  simd::kvx512::OutlierHits hits;
-  if (!simd::kvx512::collect_outliers(L, t.v_page, t.v_head, t.n, hits)) {
-    simd::kvx::for_each_outlier(L, t.v_page, t.v_head, t.n, [&](int j, int d, float e) {
-      for (int r = 0; r < R; ++r) acc[r * t.hd + d] += p[r * kTile + j] * e;
-    });
-    return;
-  }
-  static_assert(kTile == 64, "one row's probabilities are four registers");
-  alignas(64) float w[R][16];
-  for (int k0 = 0; k0 < hits.count; k0 += 16) {
-    const __m512i j = _mm512_load_si512(hits.slot + k0);
-    const __m512 e = _mm512_load_ps(hits.res + k0);
-    const __mmask16 upper = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
-    for (int r = 0; r < R; ++r) {
-      const float* pr = p + r * kTile;
-      const __m512 lo = _mm512_permutex2var_ps(_mm512_loadu_ps(pr), j, _mm512_loadu_ps(pr + 16));
-      const __m512 hi = _mm512_permutex2var_ps(_mm512_loadu_ps(pr + 32), j, _mm512_loadu_ps(pr + 48));
-      _mm512_store_ps(w[r], _mm512_mul_ps(_mm512_mask_mov_ps(lo, upper, hi), e));
+  static_assert(kTile <= 64, "one row's probabilities fit four registers (row_lookup's permutes)");
+  const __mmask16 all = 0xffff;
+  simd::kvx512::for_each_hit_list(*t.v_layout, t.v_page, t.v_head, t.n, [&](const simd::kvx512::OutlierHits& hits) {
+    alignas(64) float w[R][16];
+    for (int k0 = 0; k0 < hits.count; k0 += 16) {
+      const __m512i j = _mm512_load_si512(hits.slot + k0);  // lanes past count: junk, never added
+      const __m512 e = _mm512_load_ps(hits.res + k0);
+      for (int r = 0; r < R; ++r)
+        _mm512_store_ps(w[r], _mm512_mul_ps(simd::kvx512::row_lookup(p + r * kTile, kTile, j, all), e));
+      const int m = std::min(16, hits.count - k0);
+      for (int k = 0; k < m; ++k) {
+        const int d = hits.chan[k0 + k];
+        for (int r = 0; r < R; ++r) acc[r * t.hd + d] += w[r][k];
+      }
     }
-    const int m = std::min(16, hits.count - k0);
-    for (int k = 0; k < m; ++k) {
-      const int d = hits.chan[k0 + k];
-      for (int r = 0; r < R; ++r) acc[r * t.hd + d] += w[r][k];
-    }
-  }
+  });
 }
 
 // The value half of a tile step read from the packed page (see

@@ -96,18 +96,6 @@ inline void add_rotated_residual(float* kt, int j, int d, float e, const float* 
   kt[int64_t(rope_channel(i, false, half, neox)) * T + j] += e * w[2 * second];
   kt[int64_t(rope_channel(i, true, half, neox)) * T + j] += e * w[2 * second + 1];
 }
-// q . (the sparse residual e of key element (slot j, channel d), rotated as
-// its element is): a residual's share of a score (add_rotated_residual's two
-// adds, dotted with the query row q).
-inline float rotated_residual_dot(const float* q, int j, int d, float e, const float* cs, int half, bool neox) {
-  constexpr int T = kKvPageTokens;
-  if (d >= 2 * half) return q[d] * e;
-  const int i = neox ? (d >= half ? d - half : d) : d / 2;
-  const int second = neox ? int(d >= half) : d & 1;
-  const float c = cs[i * T + j], sn = cs[(half + i) * T + j];
-  const float w[4] = {c, sn, -sn, c};
-  return q[rope_channel(i, false, half, neox)] * (e * w[2 * second]) + q[rope_channel(i, true, half, neox)] * (e * w[2 * second + 1]);
-}
 }  // namespace
 
 // Return false when the layout has no fast path (the caller falls back).

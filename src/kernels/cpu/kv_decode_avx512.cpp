@@ -8,8 +8,6 @@
 // to rounding, as on AVX2). Other layouts go to the AVX2 decoders.
 #include <immintrin.h>
 
-#include <algorithm>
-
 #include "kernels/cpu/kv_decode.h"
 #include "kernels/cpu/kv_lookup_avx2.h"
 #include "kernels/cpu/kv_lookup_avx512.h"
@@ -19,17 +17,14 @@ namespace kvq::simd {
 namespace {
 
 using namespace kvx512;
-using kvx::add_outliers;
-using kvx::for_each_outlier;
 using kvx::ld16;
 constexpr int T = kKvPageTokens;
 
-// Stage "outlier residuals" of a decoded tile, from the compressed lists.
+// Stage "outlier residuals" of a decoded tile (keys channel-major, values
+// token-major), from the compressed lists.
 void add_outliers_listed(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
-  OutlierHits hits;
-  if (!collect_outliers(L, page, head, n, hits)) return add_outliers(L, page, head, n, dst);
   const bool key = L.role == KvRole::key;
-  add_hits(hits, dst, key ? T : 1, key ? 1 : L.head_dim);
+  for_each_hit_list(L, page, head, n, [&](const OutlierHits& h) { add_hits(h, dst, key ? T : 1, key ? 1 : L.head_dim); });
 }
 
 // Keys, channel-major dst[d * T + j]: each channel's 64 codes are one run of
@@ -131,23 +126,29 @@ void keys_quant_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
     const uint8_t* run = page + int64_t(c) * L.run_bytes;
     for (int g = 0; g < groups; ++g) _mm512_storeu_ps(dst + int64_t(d) * T + 16 * g, lookup(table, unpack(run + 2 * B * g)));
   }
-  OutlierHits hits;
-  if (collect_outliers(L, page, head, n, hits))
-    add_rotated_hits(hits, dst, cs, half, neox);
-  else
-    for_each_outlier(L, page, head, n, [&](int j, int d, float e) { add_rotated_residual(dst, j, d, e, cs, half, neox); });
+  for_each_hit_list(L, page, head, n, [&](const OutlierHits& h) { add_rotated_hits(h, dst, cs, half, neox); });
 }
 
-// row[idx] for the live lanes (idx < D): by permutes across the row's (up to)
-// 4 registers when D <= 64, else gathered.
-inline __m512 row_lookup(const float* row, int D, __m512i idx, __mmask16 live) {
-  if (D > 64) return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, row, 4);
-  auto part = [&](int k) {
-    const int left = std::clamp(D - 16 * k, 0, 16);
-    return _mm512_maskz_loadu_ps(__mmask16((1u << left) - 1), row + 16 * k);
-  };
-  const __m512 lo = _mm512_permutex2var_ps(part(0), idx, part(1)), hi = _mm512_permutex2var_ps(part(2), idx, part(3));
-  return _mm512_mask_mov_ps(lo, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
+// The outlier residuals' shares of R rows' scores: q_r[ch_a] va + q_r[ch_b] vb
+// for 16 hits at once (the rows' elements looked up by channel), then added to
+// each hit's slot one by one (hits of a slot share its scores).
+template <int R>
+void add_hit_shares(const OutlierHits& hits, const float* q, int D, const float* cs, int half, bool neox, float* s) {
+  RotatedHits16 rh;
+  alignas(64) float share[R][16];
+  for (int k0 = 0; k0 < hits.count; k0 += 16) {
+    rotate_hits(hits, k0, cs, half, neox, rh);
+    const __mmask16 live = __mmask16((1u << rh.m) - 1);
+    const __m512i ia = _mm512_load_si512(rh.ch_a), ib = _mm512_load_si512(rh.ch_b);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qa = row_lookup(q + r * D, D, ia, live), qb = row_lookup(q + r * D, D, ib, live);
+      _mm512_store_ps(share[r], _mm512_fmadd_ps(qb, _mm512_load_ps(rh.vb), _mm512_mul_ps(qa, _mm512_load_ps(rh.va))));
+    }
+    for (int k = 0; k < rh.m; ++k) {
+      const int j = hits.slot[k0 + k];
+      for (int r = 0; r < R; ++r) s[r * T + j] += share[r][k];
+    }
+  }
 }
 
 // Pre-RoPE per-channel keys scored by R query rows where they are decoded:
@@ -193,31 +194,7 @@ void score_keys_rotated(const KvCodecLayout& L, const uint8_t* page, int head, i
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) _mm512_storeu_ps(s + r * T + 16 * g, acc[r][g]);
-  OutlierHits hits;
-  if (!collect_outliers(L, page, head, n, hits)) {
-    for_each_outlier(L, page, head, n, [&](int j, int d, float e) {
-      for (int r = 0; r < R; ++r) s[r * T + j] += rotated_residual_dot(q + r * D, j, d, e, cs, half, neox);
-    });
-    return;
-  }
-  // Each hit's share q_r[ch_a] va + q_r[ch_b] vb, 16 hits at once (the rows'
-  // elements looked up by channel), then added to its slot's scores one by one
-  // (hits of a slot share its scores).
-  RotatedHits16 rh;
-  alignas(64) float share[R][16];
-  for (int k0 = 0; k0 < hits.count; k0 += 16) {
-    rotate_hits(hits, k0, cs, half, neox, rh);
-    const __mmask16 live = __mmask16((1u << rh.m) - 1);
-    const __m512i ia = _mm512_load_si512(rh.ch_a), ib = _mm512_load_si512(rh.ch_b);
-    for (int r = 0; r < R; ++r) {
-      const __m512 qa = row_lookup(q + r * D, D, ia, live), qb = row_lookup(q + r * D, D, ib, live);
-      _mm512_store_ps(share[r], _mm512_fmadd_ps(qb, _mm512_load_ps(rh.vb), _mm512_mul_ps(qa, _mm512_load_ps(rh.va))));
-    }
-    for (int k = 0; k < rh.m; ++k) {
-      const int j = hits.slot[k0 + k];
-      for (int r = 0; r < R; ++r) s[r * T + j] += share[r][k];
-    }
-  }
+  for_each_hit_list(L, page, head, n, [&](const OutlierHits& h) { add_hit_shares<R>(h, q, D, cs, half, neox, s); });
 }
 
 template <int B>

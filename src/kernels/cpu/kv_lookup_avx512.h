@@ -74,39 +74,65 @@ inline void load_scales16(const uint8_t* sc, __m512& zp, __m512& r) {
 // (vpcompressd), so finding them costs no branch per entry or per hit, and the
 // passes over the lists compute 16 hits' addresses and weights at once.
 struct OutlierHits {
-  static constexpr int kMaxEntries = 1024;  // n x 2k; larger rows take kvx::for_each_outlier
+  static constexpr int kMaxEntries = 1024;  // stored entries examined per list
   alignas(64) int32_t slot[kMaxEntries + 16];
   alignas(64) int32_t chan[kMaxEntries + 16];
   alignas(64) float res[kMaxEntries + 16];
   int count = 0;
 };
 
-// Fills `h` with the outliers of slots [0, n) that fall in `head`. False when
-// the page holds more entries than the lists take (nothing filled).
-inline bool collect_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, OutlierHits& h) {
+// Fills `h` with the hits among stored entries [e_begin, e_end) (at most
+// kMaxEntries) that fall in `head`.
+inline void collect_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int e_begin, int e_end,
+                             OutlierHits& h) {
   h.count = 0;
-  const int k2 = 2 * L.outliers_per_tail, entries = n * k2;
-  if (entries > OutlierHits::kMaxEntries) return false;
   const uint8_t* res = page + L.res_off;
   const uint8_t* idx = page + L.idx_off;
   const __m512i first = _mm512_set1_epi32(head * L.head_dim), dim = _mm512_set1_epi32(L.head_dim);
-  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Entry e belongs to slot e / k2 = (e * m) >> 20, exact for e * k2 < 2^20.
-  const __m512i magic = _mm512_set1_epi32(k2 ? (1 << 20) / k2 + 1 : 0);
-  for (int e0 = 0; e0 < entries; e0 += 16) {
-    const __mmask16 valid = entries - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (entries - e0)) - 1);
+  const __m512 lanes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Entry e belongs to slot e / 2k = floor((e + 0.5) / 2k): exact in floats
+  // while e + 2k < 2^22 (a page holds 64 x 2k entries, so rows up to millions
+  // of elements).
+  const __m512 inv_k2 = _mm512_set1_ps(1.0f / float(2 * L.outliers_per_tail));
+  for (int e0 = e_begin; e0 < e_end; e0 += 16) {
+    const __mmask16 valid = e_end - e0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (e_end - e0)) - 1);
     const __m512i index = L.idx_bytes == 1 ? _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, idx + e0))
                                            : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(valid, idx + 2 * e0));
     const __m512i d = _mm512_sub_epi32(index, first);
     const __mmask16 hit = _mm512_mask_cmplt_epu32_mask(valid, d, dim);  // index - first wraps when below
-    const __m512i j = _mm512_srli_epi32(_mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(e0), lanes), magic), 20);
+    const __m512 e_mid = _mm512_add_ps(_mm512_set1_ps(float(e0) + 0.5f), lanes);
+    const __m512i j = _mm512_cvttps_epi32(_mm512_mul_ps(e_mid, inv_k2));
     const __m512 e = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, res + 2 * e0));
     _mm512_storeu_si512(h.slot + h.count, _mm512_maskz_compress_epi32(hit, j));
     _mm512_storeu_si512(h.chan + h.count, _mm512_maskz_compress_epi32(hit, d));
     _mm512_storeu_ps(h.res + h.count, _mm512_maskz_compress_ps(hit, e));
     h.count += __builtin_popcount(hit);
   }
-  return true;
+}
+
+// Calls fn(const OutlierHits&) with the outliers of slots [0, n) that fall in
+// `head`, in the codec's order: one list per kMaxEntries stored entries (one
+// list for rows up to ~1,400 elements at 1 %), none when there are no hits.
+template <typename Fn>
+inline void for_each_hit_list(const KvCodecLayout& L, const uint8_t* page, int head, int n, Fn&& fn) {
+  const int entries = n * 2 * L.outliers_per_tail;
+  OutlierHits h;
+  for (int e0 = 0; e0 < entries; e0 += OutlierHits::kMaxEntries) {
+    collect_outliers(L, page, head, e0, std::min(entries, e0 + OutlierHits::kMaxEntries), h);
+    if (h.count) fn(h);
+  }
+}
+
+// row[idx] for the live lanes (idx < D): by permutes across the row's (up to)
+// 4 registers when D <= 64, else gathered.
+inline __m512 row_lookup(const float* row, int D, __m512i idx, __mmask16 live) {
+  if (D > 64) return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, idx, row, 4);
+  auto part = [&](int k) {
+    const int left = std::clamp(D - 16 * k, 0, 16);
+    return _mm512_maskz_loadu_ps(__mmask16((1u << left) - 1), row + 16 * k);
+  };
+  const __m512 lo = _mm512_permutex2var_ps(part(0), idx, part(1)), hi = _mm512_permutex2var_ps(part(2), idx, part(3));
+  return _mm512_mask_mov_ps(lo, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
 }
 
 // Stage "outlier residuals" of a decoded tile from the lists: element (j, d)
