@@ -7,6 +7,7 @@
 #include <random>
 
 #include "common.h"
+#include "base/cpu.h"
 #include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
@@ -185,6 +186,7 @@ int bench(const BenchOptions& o) {
                           {"n_params", m.n_params},
                           {"weight_bytes", m.weight_bytes},
                           {"threads", threads_used},
+                          {"simd", simd_level_name(simd_level())},
                           {"n_batch", o.n_batch},
                           {"seed", o.seed},
                           {"depth_fill", o.depth_fill},

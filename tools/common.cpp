@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "base/cpu.h"
+
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -42,6 +44,24 @@ void add_threads_flag(CLI::App& app, int& threads) {
       ->type_name("N")
       ->check(int_range(1, kMaxThreads))
       ->capture_default_str();
+  // Beside -t: every command that runs the model takes both.
+  app.add_option_function<std::string>(
+         "--simd",
+         [](const std::string& name) {
+           const SimdLevel best = detected_simd_level();
+           SimdLevel level = best;
+           if (name == "avx512") level = SimdLevel::avx512;
+           else if (name == "avx2") level = SimdLevel::avx2;
+           else if (name == "scalar") level = SimdLevel::scalar;
+           if (level > best)
+             throw UsageError(fmt::format("--simd {}: this CPU runs at most {}", name, simd_level_name(best)));
+           set_simd_level(level);
+         },
+         fmt::format("SIMD level of the kernels, at most what this CPU runs ({} here): to compare paths or to "
+                     "time what a CPU without AVX-512 runs",
+                     simd_level_name(detected_simd_level())))
+      ->type_name("LEVEL")
+      ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}));
 }
 
 void add_ctx_flag(CLI::App& app, int64_t& n_ctx, int64_t min_ctx, const std::string& help) {

@@ -143,7 +143,7 @@ def test_negative_n_predict():
 
 
 @pytest.mark.parametrize("flags", [["-t", "0"], ["-t", "5000"], ["-c", "2"], ["--top-p", "0"],
-                                   ["--top-p", "1.5"], ["--temp", "-1"], ["-n", "abc"]])
+                                   ["--top-p", "1.5"], ["--temp", "-1"], ["-n", "abc"], ["--simd", "neon"]])
 def test_bad_values(flags):
     assert_clean_error(run_kvq("run", "-p", "hi", *flags), code=2)
 
@@ -361,6 +361,29 @@ def test_bench_json(model):
     assert set(tests) == {"pp32", "tg8"}
     assert tests["pp32"]["avg_ts"] > 0 and tests["tg8"]["avg_ts"] > 0
     assert tests["tg8"]["bytes_per_token"] > out["weight_bytes"] * 0.99
+
+
+def test_bench_simd_caps_the_kernels(model):
+    """--simd lowers the level every kernel dispatches on, and the JSON says which ran."""
+    def bench(*flags):
+        p = run_kvq("bench", "-m", model, "-p", "0", "-n", "2", "-d", "0", "-r", "1", "--json", *flags)
+        assert p.returncode == 0, text(p.stderr)
+        return json.loads(p.stdout)
+    best = bench()["simd"]
+    assert best in ("avx512", "avx2", "scalar")
+    assert bench("--simd", "auto")["simd"] == best
+    levels = ["scalar", "avx2", "avx512"]
+    for level in levels[:levels.index(best) + 1]:
+        out = bench("--simd", level)
+        assert out["simd"] == level
+        kernel = out["results"][0]["attention_kernel"]
+        # On a CPU without AVX2 the portable (Highway) kernel is its best, not a lowering.
+        expected = {"avx512": "avx512", "avx2": "avx2", "scalar": "scalar" if best != "scalar" else "portable"}[level]
+        assert kernel.split("/")[0] == expected, (level, kernel)
+    for level in levels[levels.index(best) + 1:]:
+        msg = assert_clean_error(run_kvq("bench", "-m", model, "-n", "2", "--simd", level), code=2,
+                                 mentions=("--simd",))
+        assert best in msg, msg
 
 
 def test_bench_depth_fill_copy_holds_what_prefill_holds(model):
