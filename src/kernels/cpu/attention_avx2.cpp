@@ -150,21 +150,22 @@ inline void accumulate_chunk(const float* p, int n, const float* v, int hd, int 
 }
 #undef KVQ_ACC4
 
-// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors, and
-// where each vector's elements sit: element order (kLanes false: vector k holds
-// d0+8k..+7) or the 4-bit lookup's lane order (kLanes true: vector k holds
-// d0+4k..+3 and d0+16+4k..+3; see Lut4Bytes::lookup32_lanes).
+// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors in
+// two halves (half H: vectors 2H, 2H + 1), and where each vector's elements
+// sit: element order (kLanes false: vector k holds d0+8k..+7) or the 4-bit
+// lookup's lane order (kLanes true: vector k holds d0+4k..+3 and
+// d0+16+4k..+3; see Lut4Bytes::lookup32_lanes).
 template <int B>
 struct RunLevels {
   static constexpr bool kLanes = false;
   simd::kvx::Lut<B> lut;
   explicit RunLevels(const KvCodecLayout& L) : lut(L.levels) {}
-  inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
-    const uint8_t* p = run + d0 / 8 * B;
-    l0 = lut(simd::kvx::unpack8<B>(p));
-    l1 = lut(simd::kvx::unpack8<B>(p + B));
-    l2 = lut(simd::kvx::unpack8<B>(p + 2 * B));
-    l3 = lut(simd::kvx::unpack8<B>(p + 3 * B));
+  using Codes = const uint8_t*;
+  static inline Codes codes(const uint8_t* run, int d0) { return run + d0 / 8 * B; }
+  template <int H>
+  inline void half(Codes p, __m256& l0, __m256& l1) const {
+    l0 = lut(simd::kvx::unpack8<B>(p + 2 * H * B));
+    l1 = lut(simd::kvx::unpack8<B>(p + (2 * H + 1) * B));
   }
 };
 template <>
@@ -172,11 +173,10 @@ struct RunLevels<4> {
   static constexpr bool kLanes = true;
   simd::kvx::Lut4Bytes lut;
   explicit RunLevels(const KvCodecLayout& L) : lut(L.level_planes) {}
-  inline void operator()(const uint8_t* run, int d0, __m256& l0, __m256& l1, __m256& l2, __m256& l3) const {
-    __m256 l[4];
-    lut.lookup32_lanes(run + d0 / 2, l);
-    l0 = l[0], l1 = l[1], l2 = l[2], l3 = l[3];
-  }
+  using Codes = __m256i;
+  static inline Codes codes(const uint8_t* run, int d0) { return simd::kvx::Lut4Bytes::codes32(run + d0 / 2); }
+  template <int H>
+  inline void half(Codes c, __m256& l0, __m256& l1) const { lut.lanes_half<H>(c, l0, l1); }
 };
 
 // Vector k of the 32 floats at a, in RunLevels' order.
@@ -188,6 +188,48 @@ template <bool kLanes>
 inline void store_block(float* a, int k, __m256 v) {
   if (kLanes) _mm256_storeu2_m128(a + 16 + 4 * k, a + 4 * k, v);
   else _mm256_storeu_ps(a + 8 * k, v);
+}
+
+// acc[r][d0..d0+32) += sum_j pr[r][j] L[code_jd] + zsum[r] for the vectors
+// 2H and 2H + 1 of the block (RunLevels' order): the block in two passes over
+// the slots, so 6 accumulators, the lookup's planes and its temporaries fit 16
+// registers (one pass with 12 accumulators spilled to the stack every slot).
+template <int R, int H, typename Levels>
+inline void accumulate_half(const Levels& levels, const uint8_t* runs, int64_t run_bytes, int n, const float* pr,
+                            int d0, const float* zsum, float* acc, int hd) {
+  constexpr bool lanes = Levels::kLanes;
+  constexpr int k0 = 2 * H, k1 = 2 * H + 1;
+  float* ra = acc + d0;
+  float* rb = acc + hd + d0;
+  float* rc = acc + 2 * hd + d0;
+  __m256 a0 = load_block<lanes>(ra, k0), a1 = load_block<lanes>(ra, k1), b0 = a0, b1 = a1, c0 = a0, c1 = a1;
+  if constexpr (R > 1) b0 = load_block<lanes>(rb, k0), b1 = load_block<lanes>(rb, k1);
+  if constexpr (R > 2) c0 = load_block<lanes>(rc, k0), c1 = load_block<lanes>(rc, k1);
+  for (int j = 0; j < n; ++j) {
+    __m256 l0, l1;
+    levels.template half<H>(Levels::codes(runs + j * run_bytes, d0), l0, l1);
+    const __m256 pa = _mm256_broadcast_ss(pr + j);
+    a0 = _mm256_fmadd_ps(pa, l0, a0), a1 = _mm256_fmadd_ps(pa, l1, a1);
+    if constexpr (R > 1) {
+      const __m256 pb = _mm256_broadcast_ss(pr + kTile + j);
+      b0 = _mm256_fmadd_ps(pb, l0, b0), b1 = _mm256_fmadd_ps(pb, l1, b1);
+    }
+    if constexpr (R > 2) {
+      const __m256 pc = _mm256_broadcast_ss(pr + 2 * kTile + j);
+      c0 = _mm256_fmadd_ps(pc, l0, c0), c1 = _mm256_fmadd_ps(pc, l1, c1);
+    }
+  }
+  // The zero-point term, once per element.
+  const __m256 za = _mm256_set1_ps(zsum[0]);
+  store_block<lanes>(ra, k0, _mm256_add_ps(a0, za)), store_block<lanes>(ra, k1, _mm256_add_ps(a1, za));
+  if constexpr (R > 1) {
+    const __m256 zb = _mm256_set1_ps(zsum[1]);
+    store_block<lanes>(rb, k0, _mm256_add_ps(b0, zb)), store_block<lanes>(rb, k1, _mm256_add_ps(b1, zb));
+  }
+  if constexpr (R > 2) {
+    const __m256 zc = _mm256_set1_ps(zsum[2]);
+    store_block<lanes>(rc, k0, _mm256_add_ps(c0, zc)), store_block<lanes>(rc, k1, _mm256_add_ps(c1, zc));
+  }
 }
 
 // The value half of a tile step read from the packed page (see
@@ -221,48 +263,11 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
     for (int r = 0; r < R; ++r) acc[r * hd + d] += p[r * kTile + j] * e;
   });
   using Levels = RunLevels<B>;
-  constexpr bool lanes = Levels::kLanes;
   const Levels levels(L);
   const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;
   for (int d0 = 0; d0 < hd; d0 += 32) {
-    float* ra = acc + d0;
-    float* rb = acc + hd + d0;
-    float* rc = acc + 2 * hd + d0;
-    __m256 a0 = load_block<lanes>(ra, 0), a1 = load_block<lanes>(ra, 1), a2 = load_block<lanes>(ra, 2), a3 = load_block<lanes>(ra, 3);
-    __m256 b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0 = a0, c1 = a1, c2 = a2, c3 = a3;
-    if constexpr (R > 1) b0 = load_block<lanes>(rb, 0), b1 = load_block<lanes>(rb, 1), b2 = load_block<lanes>(rb, 2), b3 = load_block<lanes>(rb, 3);
-    if constexpr (R > 2) c0 = load_block<lanes>(rc, 0), c1 = load_block<lanes>(rc, 1), c2 = load_block<lanes>(rc, 2), c3 = load_block<lanes>(rc, 3);
-    for (int j = 0; j < n; ++j) {
-      __m256 l0, l1, l2, l3;
-      levels(runs + int64_t(j) * L.run_bytes, d0, l0, l1, l2, l3);
-      const __m256 pa = _mm256_broadcast_ss(pr[0] + j);
-      a0 = _mm256_fmadd_ps(pa, l0, a0), a1 = _mm256_fmadd_ps(pa, l1, a1);
-      a2 = _mm256_fmadd_ps(pa, l2, a2), a3 = _mm256_fmadd_ps(pa, l3, a3);
-      if constexpr (R > 1) {
-        const __m256 pb = _mm256_broadcast_ss(pr[1] + j);
-        b0 = _mm256_fmadd_ps(pb, l0, b0), b1 = _mm256_fmadd_ps(pb, l1, b1);
-        b2 = _mm256_fmadd_ps(pb, l2, b2), b3 = _mm256_fmadd_ps(pb, l3, b3);
-      }
-      if constexpr (R > 2) {
-        const __m256 pc = _mm256_broadcast_ss(pr[2] + j);
-        c0 = _mm256_fmadd_ps(pc, l0, c0), c1 = _mm256_fmadd_ps(pc, l1, c1);
-        c2 = _mm256_fmadd_ps(pc, l2, c2), c3 = _mm256_fmadd_ps(pc, l3, c3);
-      }
-    }
-    // The zero-point term, once per element.
-    const __m256 za = _mm256_set1_ps(zsum[0]);
-    store_block<lanes>(ra, 0, _mm256_add_ps(a0, za)), store_block<lanes>(ra, 1, _mm256_add_ps(a1, za));
-    store_block<lanes>(ra, 2, _mm256_add_ps(a2, za)), store_block<lanes>(ra, 3, _mm256_add_ps(a3, za));
-    if constexpr (R > 1) {
-      const __m256 zb = _mm256_set1_ps(zsum[1]);
-      store_block<lanes>(rb, 0, _mm256_add_ps(b0, zb)), store_block<lanes>(rb, 1, _mm256_add_ps(b1, zb));
-      store_block<lanes>(rb, 2, _mm256_add_ps(b2, zb)), store_block<lanes>(rb, 3, _mm256_add_ps(b3, zb));
-    }
-    if constexpr (R > 2) {
-      const __m256 zc = _mm256_set1_ps(zsum[2]);
-      store_block<lanes>(rc, 0, _mm256_add_ps(c0, zc)), store_block<lanes>(rc, 1, _mm256_add_ps(c1, zc));
-      store_block<lanes>(rc, 2, _mm256_add_ps(c2, zc)), store_block<lanes>(rc, 3, _mm256_add_ps(c3, zc));
-    }
+    accumulate_half<R, 0>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
+    accumulate_half<R, 1>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
   }
 }
 

@@ -172,12 +172,28 @@ struct Lut4Bytes {
   // out[k] holds elements 4k..4k+3 (low lane) and 16+4k..16+4k+3 (high lane).
   // For a caller that keeps its own vectors in that order (a sum over slots
   // into per-element accumulators), four cross-lane permutes fewer per call.
-  inline void lookup32_lanes(const uint8_t* p, __m256 out[4]) const {
+  // The 32 codes at p as bytes, element order per 128-bit lane (what the shuffles index).
+  static inline __m256i codes32(const uint8_t* p) {
     const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i m = _mm_set1_epi8(0x0f);
     const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
     // Element 2i is the low nibble of byte i, 2i+1 the high one.
-    const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+    return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+  }
+  // Half H of lookup32_lanes: out[2H] and out[2H + 1] only. Two halves take
+  // four byte shuffles more than one whole lookup but hold two vectors fewer
+  // at once (a caller with 12 accumulators then fits in 16 registers).
+  template <int H>
+  inline void lanes_half(__m256i codes, __m256& o0, __m256& o1) const {
+    const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
+    const __m256i w01 = H == 0 ? _mm256_unpacklo_epi8(b0, b1) : _mm256_unpackhi_epi8(b0, b1);
+    const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
+    const __m256i w23 = H == 0 ? _mm256_unpacklo_epi8(b2, b3) : _mm256_unpackhi_epi8(b2, b3);
+    o0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01, w23));
+    o1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01, w23));
+  }
+  inline void lookup32_lanes(const uint8_t* p, __m256 out[4]) const {
+    const __m256i codes = codes32(p);
     const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
     const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
     const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
