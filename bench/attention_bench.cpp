@@ -1,6 +1,8 @@
 // Decode attention over a synthetic filled cache, shaped like the default
-// model (30 layers, 9 query heads over 3 KV heads, head_dim 64): one query
-// token per call, every layer, all threads. Per format and context length:
+// model (30 layers, 9 query heads over 3 KV heads, head_dim 64) or, with the
+// suffix /8x128g4, like the 8B models run at long context (Llama-3-8B: 32
+// layers, 32 query heads over 8 KV heads, head_dim 128): one query token per
+// call, every layer, all threads. Per format and context length:
 //   tok/s    generated tokens per second if attention were the only work
 //            (scaled to 30 layers when fewer are held, to bound memory)
 //   GB/s     packed cache bytes read (codes + scales + outliers of every page
@@ -22,6 +24,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "base/cpu.h"
@@ -35,7 +38,15 @@
 namespace kvq {
 namespace {
 
-constexpr int kModelLayers = 30, kKvHeads = 3, kGroup = 3, kHd = 64;
+// A model's attention shape.
+struct Shape {
+  const char* suffix;  // of the benchmark names
+  int layers, kv_heads, group, hd;
+  float rope_base;
+  int heads() const { return kv_heads * group; }
+};
+constexpr Shape kSmol{"", 30, 3, 3, 64, 100000.0f};
+constexpr Shape kWide{"/8x128g4", 32, 8, 4, 128, 500000.0f};
 constexpr uint64_t kMaxCacheBytes = 768ull << 20;
 
 // All threads, or KVQ_BENCH_THREADS of them (e.g. 1: one thread over every layer).
@@ -68,27 +79,27 @@ struct Filled {
   uint64_t bytes_per_layer = 0;  // pages' packed bytes (keys + values)
 };
 
-// One cache per (format, context), kept across benchmark repetitions.
-Filled& filled(const std::string& name, int64_t ctx) {
-  static std::map<std::pair<std::string, int64_t>, Filled> all;
-  auto it = all.find({name, ctx});
+// One cache per (format, context, shape), kept across benchmark repetitions.
+Filled& filled(const std::string& name, int64_t ctx, const Shape& sh = kSmol) {
+  static std::map<std::tuple<std::string, int64_t, std::string>, Filled> all;
+  auto it = all.find({name, ctx, sh.suffix});
   if (it != all.end()) return it->second;
   const KvFormat& f = kv_format(name);
-  const KvGeometry g{kKvHeads, kHd};
+  const KvGeometry g{sh.kv_heads, sh.hd};
   const uint64_t page = make_kv_codec(f, KvRole::key, g, nullptr, true)->page_bytes() +
                         make_kv_codec(f, KvRole::value, g, nullptr, true)->page_bytes();
   const uint64_t per_layer = uint64_t((ctx + kKvPageTokens - 1) / kKvPageTokens) * page;
-  const int layers = int(std::clamp<uint64_t>(kMaxCacheBytes / per_layer, 1, kModelLayers));
+  const int layers = int(std::clamp<uint64_t>(kMaxCacheBytes / per_layer, 1, uint64_t(sh.layers)));
   KvCacheConfig c;
   c.n_layers = layers;
-  c.n_kv_heads = kKvHeads;
-  c.head_dim = kHd;
+  c.n_kv_heads = sh.kv_heads;
+  c.head_dim = sh.hd;
   c.n_ctx = ctx + 1;
   c.k_format = &f;
   c.v_format = &f;
-  c.rope.head_dim = kHd;
-  c.rope.n_rot = kHd;
-  c.rope.freq_base = 100000.0f;
+  c.rope.head_dim = sh.hd;
+  c.rope.n_rot = sh.hd;
+  c.rope.freq_base = sh.rope_base;
   c.sink_tokens = f.kvquant ? 1 : 0;
   std::mt19937 rng(1);
   for (int l = 0; l < layers; ++l) {
@@ -110,7 +121,7 @@ Filled& filled(const std::string& name, int64_t ctx) {
     for (int l = 0; l < layers; ++l) cache->store(l, k.data(), v.data());
     cache->end_batch();
   }
-  Filled& fl = all[{name, ctx}];
+  Filled& fl = all[{name, ctx, sh.suffix}];
   fl.cache = std::move(cache);
   fl.layers = layers;
   fl.bytes_per_layer = per_layer;
@@ -119,34 +130,37 @@ Filled& filled(const std::string& name, int64_t ctx) {
 
 // The next token's query (every query head, random) at position ctx, and its output.
 struct DecodeQuery {
-  static constexpr int kHeads = kKvHeads * kGroup;
+  int heads;
+  float scale;
   std::vector<float> q, out;
   int32_t pos;
-  explicit DecodeQuery(int64_t ctx) : q(size_t(kHeads) * kHd), out(q.size()), pos(int32_t(ctx)) {
+  DecodeQuery(int64_t ctx, const Shape& sh)
+      : heads(sh.heads()), scale(1.0f / std::sqrt(float(sh.hd))), q(size_t(heads) * sh.hd), out(q.size()),
+        pos(int32_t(ctx)) {
     std::mt19937 rng(2);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     for (auto& x : q) x = nd(rng);
   }
   void attend(const KvLayerView& view, ThreadPool& threads) {
-    attention({q.data(), 1, kHeads, &pos, 1.0f / 8.0f, view, out.data()}, threads);
+    attention({q.data(), 1, heads, &pos, scale, view, out.data()}, threads);
     benchmark::DoNotOptimize(out.data());
   }
 };
 
 // One decode step's attention over every layer (the query is the next token).
-void BM_DecodeAttention(benchmark::State& state, std::string name) {
+void BM_DecodeAttention(benchmark::State& state, std::string name, Shape sh) {
   const int64_t ctx = state.range(0);
-  Filled& fl = filled(name, ctx);
-  DecodeQuery query(ctx);
-  const int n_heads = DecodeQuery::kHeads;
+  Filled& fl = filled(name, ctx, sh);
+  DecodeQuery query(ctx, sh);
+  state.SetLabel(attention_kernel_name(sh.hd, &kv_format(name)));
   for (auto _ : state)
     for (int l = 0; l < fl.layers; ++l) query.attend(fl.cache->view(l), pool());
   const double iters = double(state.iterations());
-  const double flops = 4.0 * n_heads * kHd * double(ctx) * fl.layers;  // QK + PV, 2 flops per multiply-add
+  const double flops = 4.0 * sh.heads() * sh.hd * double(ctx) * fl.layers;  // QK + PV, 2 flops per multiply-add
   state.counters["layers"] = fl.layers;
   state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * fl.layers * iters / 1e9, benchmark::Counter::kIsRate);
   state.counters["GFLOP/s"] = benchmark::Counter(flops * iters / 1e9, benchmark::Counter::kIsRate);
-  state.counters["tok/s"] = benchmark::Counter(iters * fl.layers / kModelLayers, benchmark::Counter::kIsRate);
+  state.counters["tok/s"] = benchmark::Counter(iters * fl.layers / sh.layers, benchmark::Counter::kIsRate);
 }
 
 // The attention kernel's arithmetic alone: one layer of a 4K cache (about 1 MiB
@@ -157,23 +171,24 @@ void BM_DecodeAttention(benchmark::State& state, std::string name) {
 // AVX2 runs); /portable+ also the portable tile decoders (what a CPU without AVX2
 // runs: Arm, older x86), /portable-codecs the codecs' decode beside it (what
 // such CPUs ran before the portable decoders).
-void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders) {
+void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders,
+                          Shape sh) {
   static ThreadPool one(1);
   if ((kernel == AttentionKernel::avx2 && detected_simd_level() < SimdLevel::avx2) ||
       (kernel == AttentionKernel::avx512 && detected_simd_level() < SimdLevel::avx512))
     return state.SkipWithError("this CPU does not run that kernel");
   const int64_t ctx = 4096;
-  Filled& fl = filled(name, ctx);
-  DecodeQuery query(ctx);
+  Filled& fl = filled(name, ctx, sh);
+  DecodeQuery query(ctx, sh);
   const KvLayerView view = fl.cache->view(0);
   set_attention_kernel(kernel);
   set_tile_decoders(decoders);
   const char* dec[] = {"", "+codecs", "+avx2 decoders", "+portable decoders"};
-  state.SetLabel(attention_kernel_name(kHd, &kv_format(name)) + dec[int(decoders)]);
+  state.SetLabel(attention_kernel_name(sh.hd, &kv_format(name)) + dec[int(decoders)]);
   for (auto _ : state) query.attend(view, one);
   set_attention_kernel(AttentionKernel::automatic);
   set_tile_decoders(TileDecoders::automatic);
-  const double tiles = double(ctx / kKvPageTokens) * kKvHeads;
+  const double tiles = double(ctx / kKvPageTokens) * sh.kv_heads;
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
@@ -194,11 +209,11 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
     if (detected_simd_level() < SimdLevel::avx2) return state.SkipWithError("no AVX2 on this CPU");
     set_tile_decoders(TileDecoders::avx2);
   }
-  std::vector<float> kt(size_t(kHd) * kKvPageTokens), vt(kt.size());
+  std::vector<float> kt(size_t(kSmol.hd) * kKvPageTokens), vt(kt.size());
   const int64_t pages = (ctx + kKvPageTokens - 1) / kKvPageTokens;
   for (auto _ : state) {
     for (int64_t p = 0; p < pages; ++p)
-      for (int h = 0; h < kKvHeads; ++h) {
+      for (int h = 0; h < kSmol.kv_heads; ++h) {
         view.decode_keys(p, h, kt.data(), kKvNoWindow, view.keys_pre_rope && view.page_consecutive(p));
         view.decode_values(p, h, vt.data());
         benchmark::ClobberMemory();
@@ -206,7 +221,7 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
   }
   set_simd_level(detected_simd_level());
   set_tile_decoders(TileDecoders::automatic);
-  state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kKvHeads,
+  state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kSmol.kv_heads,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert) ;
   state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
@@ -216,19 +231,19 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
 // decode step does once per generated token.
 void BM_Append(benchmark::State& state, std::string name) {
   const KvFormat& f = kv_format(name);
-  const KvGeometry g{kKvHeads, kHd};
+  const KvGeometry g{kSmol.kv_heads, kSmol.hd};
   KvCacheConfig c;
-  c.n_layers = kModelLayers;
-  c.n_kv_heads = kKvHeads;
-  c.head_dim = kHd;
+  c.n_layers = kSmol.layers;
+  c.n_kv_heads = kSmol.kv_heads;
+  c.head_dim = kSmol.hd;
   c.n_ctx = 4096;
   c.k_format = &f;
   c.v_format = &f;
-  c.rope.head_dim = kHd;
-  c.rope.n_rot = kHd;
+  c.rope.head_dim = kSmol.hd;
+  c.rope.n_rot = kSmol.hd;
   c.sink_tokens = f.kvquant ? 1 : 0;
   std::mt19937 rng(1);
-  for (int l = 0; l < kModelLayers; ++l) {
+  for (int l = 0; l < kSmol.layers; ++l) {
     if (f.needs_calibration(KvRole::key)) c.k_calibration.push_back(make_cal(f, g.row(), rng));
     if (f.needs_calibration(KvRole::value)) c.v_calibration.push_back(make_cal(f, g.row(), rng));
   }
@@ -247,7 +262,7 @@ void BM_Append(benchmark::State& state, std::string name) {
     }
     const int64_t row = (pos % 64) * g.row();
     cache.begin_batch(std::span<const int32_t>(&pos, 1));
-    for (int l = 0; l < kModelLayers; ++l) cache.store(l, k.data() + row, v.data() + row);
+    for (int l = 0; l < kSmol.layers; ++l) cache.store(l, k.data() + row, v.data() + row);
     cache.end_batch();
     ++pos;
   }
@@ -271,8 +286,11 @@ int register_all() {
     }
   }
   for (const char* f : kFormats) {
-    benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f))
+    benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f).c_str(), BM_DecodeAttention, std::string(f), kSmol)
         ->Arg(4096)->Arg(16384)->Arg(65536)->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark((std::string("DecodeAttention/") + f + kWide.suffix).c_str(), BM_DecodeAttention,
+                                 std::string(f), kWide)
+        ->Arg(4096)->Arg(16384)->Unit(benchmark::kMillisecond)->UseRealTime();
     struct Variant {
       const char* suffix;
       AttentionKernel kernel;
@@ -287,7 +305,12 @@ int register_all() {
                              Variant{"/portable-codecs", AttentionKernel::portable, TileDecoders::codec},
                              Variant{"/scalar", AttentionKernel::scalar, TileDecoders::automatic}})
       benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f + v.suffix).c_str(), BM_DecodeAttention1T,
-                                   std::string(f), v.kernel, v.decoders)
+                                   std::string(f), v.kernel, v.decoders, kSmol)
+          ->Unit(benchmark::kMicrosecond);
+    for (const Variant& v : {Variant{"", AttentionKernel::automatic, TileDecoders::automatic},
+                             Variant{"/avx2-cpu", AttentionKernel::avx2, TileDecoders::avx2}})
+      benchmark::RegisterBenchmark((std::string("DecodeAttention1T/") + f + kWide.suffix + v.suffix).c_str(),
+                                   BM_DecodeAttention1T, std::string(f), v.kernel, v.decoders, kWide)
           ->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark((std::string("TileDecode/") + f).c_str(), BM_TileDecode, std::string(f))
         ->Arg(1)->Arg(0)->Arg(2)->Arg(3)->Unit(benchmark::kMicrosecond);

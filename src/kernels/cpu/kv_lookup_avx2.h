@@ -96,8 +96,8 @@ inline void load_scales8(const uint8_t* sc, __m256& zp, __m256& r) {
 }
 
 // Calls fn(slot j, channel d of `head`, residual e) for each stored outlier of
-// slots [0, n) that falls in `head`, in the codec's order. With 8-bit indices
-// the page's index bytes are compared with the head's range 32 at a time and
+// slots [0, n) that falls in `head`, in the codec's order. The page's indices
+// are compared with the head's range 32 (8-bit) or 16 (16-bit) at a time and
 // only the hits are visited: a head holds about a third of a page's outliers,
 // and a branch per entry mispredicted often enough to cost more than the hits.
 template <typename Fn>
@@ -126,6 +126,18 @@ inline void for_each_outlier(const KvCodecLayout& L, const uint8_t* page, int he
         const int b = __builtin_ctz(hits);
         hits &= hits - 1;
         visit(e0 + b, unsigned(idx[e0 + b]) - unsigned(first));
+      }
+    }
+  } else {
+    // The same in 16-bit lanes, 16 at a time (first + D <= 65536; two mask bits per entry).
+    const __m256i base = _mm256_set1_epi16(short(first)), last = _mm256_set1_epi16(short(D - 1));
+    for (; e0 + 16 <= entries; e0 += 16) {
+      const __m256i t = _mm256_sub_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + 2 * e0)), base);
+      uint32_t hits = uint32_t(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(t, last), t))) & 0x55555555u;
+      while (hits) {
+        const int b = __builtin_ctz(hits) / 2;
+        hits &= hits - 1;
+        visit(e0 + b, unsigned(ld16(idx + 2 * (e0 + b))) - unsigned(first));
       }
     }
   }
