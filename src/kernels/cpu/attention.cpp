@@ -220,9 +220,9 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   const bool relative_rope = kernel != AttentionKernel::scalar && kv.keys_pre_rope && rows_max <= kRelativeRopeMaxRows;
   const int half_rot = kv.rope ? kv.rope->spec().n_rot / 2 : 0;
   // Scores computed by the key decoder (KvLayerView::score_keys): AVX-512, up
-  // to 3 rows (decode of a GQA group of <= 3; more rows would decode the keys
-  // once per 3).
-  const bool score_in_decode = kernel == AttentionKernel::avx512 && rows_max <= 3;
+  // to 4 rows (decode of a GQA group of <= 4; more rows would decode the keys
+  // once per 4).
+  const bool score_in_decode = kernel == AttentionKernel::avx512 && rows_max <= 4;
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).

@@ -1,9 +1,9 @@
 // AVX-512 tile step of the attention kernel (see attention_tile.h), for head
 // sizes that are a multiple of 16: the AVX2 step's stages at twice the width.
-// A row of 64 scores is 4 vectors, so 3 GQA rows score a whole tile with 12
-// accumulators (of 32 registers), each key vector loaded once per channel;
-// packed 2/3/4-bit values are looked up 16 codes per instruction (the level
-// table fits one register) and accumulated for 3 rows without spilling.
+// A row of 64 scores is 4 vectors, so 3 (or 4) GQA rows score a whole tile
+// with 12 (16) accumulators of 32 registers, each key vector loaded once per
+// channel; packed 2/3/4-bit values are looked up 16 codes per instruction (the
+// level table fits one register) and accumulated for 3 (4) rows without spilling.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -52,7 +52,7 @@ struct Acc {
   __m512 v[R][NV];
 };
 
-// s[r][0..63] for up to 3 rows: each channel's 4 key vectors loaded once and
+// s[r][0..63] for up to 4 rows: each channel's 4 key vectors loaded once and
 // multiplied into every row.
 template <int R>
 inline void scores(const float* q, int hd, const float* kt, float* s) {
@@ -236,6 +236,10 @@ void rows_block(const TileStep& t, int r0) {
 
 void tile_step_avx512(const TileStep& t) {
   int r = 0;
+  // GQA groups of 4 (and 8) in blocks of 4 rows: 16 score accumulators, and
+  // each packed value looked up once per block rather than once per 3 + 1.
+  if (t.rows % 4 == 0)
+    for (; r < t.rows; r += 4) rows_block<4>(t, r);
   for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
   if (t.rows - r == 2) rows_block<2>(t, r);
   else if (t.rows - r == 1) rows_block<1>(t, r);

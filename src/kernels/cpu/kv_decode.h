@@ -46,7 +46,7 @@ void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
 bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
                            int half, bool neox);
 
-// Scores of `rows` query rows (q[r * head_dim + d], 1 <= rows <= 3) against
+// Scores of `rows` query rows (q[r * head_dim + d], 1 <= rows <= 4) against
 // one head's keys of a pre-RoPE format, every stage fused: decode, rotation by
 // cs, the dot products, then the outlier residuals' share; the key tile never
 // leaves registers. s[r * kKvPageTokens + j] = q_r . k_j for slots j < n

@@ -153,7 +153,7 @@ void add_hit_shares(const OutlierHits& hits, const float* q, int D, const float*
 
 // Pre-RoPE per-channel keys scored by R query rows where they are decoded:
 // per rotated pair, 16 slots at a time, both channels looked up and rotated
-// (as keys_quant_rotated) and multiplied into the rows' 3 x 4 score
+// (as keys_quant_rotated) and multiplied into the rows' R x 4 score
 // accumulators; the outlier residuals' shares added to the stored scores.
 template <int B, int R>
 void score_keys_rotated(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs, int half,
@@ -203,7 +203,8 @@ void score_keys_rotated_rows(const KvCodecLayout& L, const uint8_t* page, int he
   switch (rows) {
     case 1: return score_keys_rotated<B, 1>(L, page, head, n, cs, half, neox, q, s);
     case 2: return score_keys_rotated<B, 2>(L, page, head, n, cs, half, neox, q, s);
-    default: return score_keys_rotated<B, 3>(L, page, head, n, cs, half, neox, q, s);
+    case 3: return score_keys_rotated<B, 3>(L, page, head, n, cs, half, neox, q, s);
+    default: return score_keys_rotated<B, 4>(L, page, head, n, cs, half, neox, q, s);
   }
 }
 
@@ -212,7 +213,7 @@ void score_keys_rotated_rows(const KvCodecLayout& L, const uint8_t* page, int he
 bool kv_score_rotated_keys_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs,
                                   int half, bool neox, const float* q, int rows, float* s) {
   if (L.scheme != KvScheme::quant || L.role != KvRole::key || !L.per_channel || !L.levels || !L.zp || !L.range ||
-      rows < 1 || rows > 3)
+      rows < 1 || rows > 4)
     return false;
   switch (L.bits) {
     case 2: score_keys_rotated_rows<2>(L, page, head, n, cs, half, neox, q, rows, s); return true;
