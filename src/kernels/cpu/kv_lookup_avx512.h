@@ -85,7 +85,7 @@ struct OutlierHits {
 // kMaxEntries) that fall in `head`.
 inline void collect_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int e_begin, int e_end,
                              OutlierHits& h) {
-  h.count = 0;
+  int count = 0;  // a local: kept in h, each group's stores would wait on the last one's count
   const uint8_t* res = page + L.res_off;
   const uint8_t* idx = page + L.idx_off;
   const __m512i first = _mm512_set1_epi32(head * L.head_dim), dim = _mm512_set1_epi32(L.head_dim);
@@ -103,11 +103,12 @@ inline void collect_outliers(const KvCodecLayout& L, const uint8_t* page, int he
     const __m512 e_mid = _mm512_add_ps(_mm512_set1_ps(float(e0) + 0.5f), lanes);
     const __m512i j = _mm512_cvttps_epi32(_mm512_mul_ps(e_mid, inv_k2));
     const __m512 e = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, res + 2 * e0));
-    _mm512_storeu_si512(h.slot + h.count, _mm512_maskz_compress_epi32(hit, j));
-    _mm512_storeu_si512(h.chan + h.count, _mm512_maskz_compress_epi32(hit, d));
-    _mm512_storeu_ps(h.res + h.count, _mm512_maskz_compress_ps(hit, e));
-    h.count += __builtin_popcount(hit);
+    _mm512_storeu_si512(h.slot + count, _mm512_maskz_compress_epi32(hit, j));
+    _mm512_storeu_si512(h.chan + count, _mm512_maskz_compress_epi32(hit, d));
+    _mm512_storeu_ps(h.res + count, _mm512_maskz_compress_ps(hit, e));
+    count += __builtin_popcount(hit);
   }
+  h.count = count;
 }
 
 // Calls fn(const OutlierHits&) with the outliers of slots [0, n) that fall in
