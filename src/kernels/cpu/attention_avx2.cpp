@@ -199,36 +199,28 @@ inline void accumulate_half(const Levels& levels, const uint8_t* runs, int64_t r
                             int d0, const float* zsum, float* acc, int hd) {
   constexpr bool lanes = Levels::kLanes;
   constexpr int k0 = 2 * H, k1 = 2 * H + 1;
-  float* ra = acc + d0;
-  float* rb = acc + hd + d0;
-  float* rc = acc + 2 * hd + d0;
-  __m256 a0 = load_block<lanes>(ra, k0), a1 = load_block<lanes>(ra, k1), b0 = a0, b1 = a1, c0 = a0, c1 = a1;
-  if constexpr (R > 1) b0 = load_block<lanes>(rb, k0), b1 = load_block<lanes>(rb, k1);
-  if constexpr (R > 2) c0 = load_block<lanes>(rc, k0), c1 = load_block<lanes>(rc, k1);
+  __m256 a0[R], a1[R];  // in registers: every index below is a constant once unrolled
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    a0[r] = load_block<lanes>(acc + r * hd + d0, k0);
+    a1[r] = load_block<lanes>(acc + r * hd + d0, k1);
+  }
   for (int j = 0; j < n; ++j) {
     __m256 l0, l1;
     levels.template half<H>(Levels::codes(runs + j * run_bytes, d0), l0, l1);
-    const __m256 pa = _mm256_broadcast_ss(pr + j);
-    a0 = _mm256_fmadd_ps(pa, l0, a0), a1 = _mm256_fmadd_ps(pa, l1, a1);
-    if constexpr (R > 1) {
-      const __m256 pb = _mm256_broadcast_ss(pr + kTile + j);
-      b0 = _mm256_fmadd_ps(pb, l0, b0), b1 = _mm256_fmadd_ps(pb, l1, b1);
-    }
-    if constexpr (R > 2) {
-      const __m256 pc = _mm256_broadcast_ss(pr + 2 * kTile + j);
-      c0 = _mm256_fmadd_ps(pc, l0, c0), c1 = _mm256_fmadd_ps(pc, l1, c1);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 pv = _mm256_broadcast_ss(pr + r * kTile + j);
+      a0[r] = _mm256_fmadd_ps(pv, l0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(pv, l1, a1[r]);
     }
   }
   // The zero-point term, once per element.
-  const __m256 za = _mm256_set1_ps(zsum[0]);
-  store_block<lanes>(ra, k0, _mm256_add_ps(a0, za)), store_block<lanes>(ra, k1, _mm256_add_ps(a1, za));
-  if constexpr (R > 1) {
-    const __m256 zb = _mm256_set1_ps(zsum[1]);
-    store_block<lanes>(rb, k0, _mm256_add_ps(b0, zb)), store_block<lanes>(rb, k1, _mm256_add_ps(b1, zb));
-  }
-  if constexpr (R > 2) {
-    const __m256 zc = _mm256_set1_ps(zsum[2]);
-    store_block<lanes>(rc, k0, _mm256_add_ps(c0, zc)), store_block<lanes>(rc, k1, _mm256_add_ps(c1, zc));
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 z = _mm256_set1_ps(zsum[r]);
+    store_block<lanes>(acc + r * hd + d0, k0, _mm256_add_ps(a0[r], z));
+    store_block<lanes>(acc + r * hd + d0, k1, _mm256_add_ps(a1[r], z));
   }
 }
 
@@ -280,12 +272,37 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
   }
 }
 
+// Decoded values t.v into up to 4 rows (4: 2 + 2, for the registers).
+template <int R>
+void accumulate_decoded(const float* p, int n, const float* v, int hd, float* acc) {
+  if constexpr (R == 4) {
+    accumulate_decoded<2>(p, n, v, hd, acc);
+    accumulate_decoded<2>(p + 2 * kTile, n, v, hd, acc + 2 * hd);
+  } else {
+    int c0 = 0;
+    for (; c0 + 32 <= hd; c0 += 32) accumulate_chunk<R, 4>(p, n, v, hd, c0, acc);
+    switch ((hd - c0) / 8) {
+      case 3: accumulate_chunk<R, 3>(p, n, v, hd, c0, acc); break;
+      case 2: accumulate_chunk<R, 2>(p, n, v, hd, c0, acc); break;
+      case 1: accumulate_chunk<R, 1>(p, n, v, hd, c0, acc); break;
+      default: break;
+    }
+  }
+}
+
 template <int R>
 void rows_block(const TileStep& t, int r0) {
   const float* q = t.q + int64_t(r0) * t.hd;
   float* s = t.s + int64_t(r0) * kTile;
-  scores_half<R>(q, t.hd, t.kt, s);
-  scores_half<R>(q, t.hd, t.kt + 32, s + 32);
+  if constexpr (R == 4) {  // 2 + 2 rows: 16 accumulators would not fit 16 registers
+    for (int r = 0; r < 4; r += 2) {
+      scores_half<2>(q + r * t.hd, t.hd, t.kt, s + r * kTile);
+      scores_half<2>(q + r * t.hd, t.hd, t.kt + 32, s + r * kTile + 32);
+    }
+  } else {
+    scores_half<R>(q, t.hd, t.kt, s);
+    scores_half<R>(q, t.hd, t.kt + 32, s + 32);
+  }
 
   const float neg_inf = -std::numeric_limits<float>::infinity();
   bool any = false;
@@ -322,20 +339,17 @@ void rows_block(const TileStep& t, int r0) {
     accumulate_packed<R>(t, s, acc);
     return;
   }
-  int c0 = 0;
-  for (; c0 + 32 <= t.hd; c0 += 32) accumulate_chunk<R, 4>(s, t.n, t.v, t.hd, c0, acc);
-  switch ((t.hd - c0) / 8) {
-    case 3: accumulate_chunk<R, 3>(s, t.n, t.v, t.hd, c0, acc); break;
-    case 2: accumulate_chunk<R, 2>(s, t.n, t.v, t.hd, c0, acc); break;
-    case 1: accumulate_chunk<R, 1>(s, t.n, t.v, t.hd, c0, acc); break;
-    default: break;
-  }
+  accumulate_decoded<R>(s, t.n, t.v, t.hd, acc);
 }
 
 }  // namespace
 
 void tile_step_avx2(const TileStep& t) {
   int r = 0;
+  // GQA groups of 4 (and 8) in blocks of 4 rows: each packed value looked up
+  // once per block rather than once per 3 + 1.
+  if (t.rows % 4 == 0)
+    for (; r < t.rows; r += 4) rows_block<4>(t, r);
   for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
   if (t.rows - r == 2) rows_block<2>(t, r);
   else if (t.rows - r == 1) rows_block<1>(t, r);
