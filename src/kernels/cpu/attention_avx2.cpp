@@ -150,11 +150,11 @@ inline void accumulate_chunk(const float* p, int n, const float* v, int hd, int 
 }
 #undef KVQ_ACC4
 
-// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors in
-// two halves (half H: vectors 2H, 2H + 1), and where each vector's elements
-// sit: element order (kLanes false: vector k holds d0+8k..+7) or the 4-bit
-// lookup's lane order (kLanes true: vector k holds d0+4k..+3 and
-// d0+16+4k..+3; see Lut4Bytes::lookup32_lanes).
+// Levels L[c] of codes d0..d0+31 of one packed value run, as 4 vectors (or
+// the NK of them from K0 on), and where each vector's elements sit: element
+// order (kLanes false: vector k holds d0+8k..+7) or the 4-bit lookup's lane
+// order (kLanes true: vector k holds d0+4k..+3 and d0+16+4k..+3; see
+// Lut4Bytes::lookup32_lanes).
 template <int B>
 struct RunLevels {
   static constexpr bool kLanes = false;
@@ -162,10 +162,10 @@ struct RunLevels {
   explicit RunLevels(const KvCodecLayout& L) : lut(L.levels) {}
   using Codes = const uint8_t*;
   static inline Codes codes(const uint8_t* run, int d0) { return run + d0 / 8 * B; }
-  template <int H>
-  inline void half(Codes p, __m256& l0, __m256& l1) const {
-    l0 = lut(simd::kvx::unpack8<B>(p + 2 * H * B));
-    l1 = lut(simd::kvx::unpack8<B>(p + (2 * H + 1) * B));
+  template <int K0, int NK>
+  inline void vectors(Codes p, __m256* l) const {
+#pragma GCC unroll 4
+    for (int k = 0; k < NK; ++k) l[k] = lut(simd::kvx::unpack8<B>(p + (K0 + k) * B));
   }
 };
 template <>
@@ -175,8 +175,12 @@ struct RunLevels<4> {
   explicit RunLevels(const KvCodecLayout& L) : lut(L.level_planes) {}
   using Codes = __m256i;
   static inline Codes codes(const uint8_t* run, int d0) { return simd::kvx::Lut4Bytes::codes32(run + d0 / 2); }
-  template <int H>
-  inline void half(Codes c, __m256& l0, __m256& l1) const { lut.lanes_half<H>(c, l0, l1); }
+  template <int K0, int NK>
+  inline void vectors(Codes c, __m256* l) const {
+    static_assert(NK == 4 || (NK == 2 && K0 % 2 == 0), "whole lookups or halves");
+    if constexpr (NK == 4) lut.lanes_all(c, l);
+    else lut.lanes_half<K0 / 2>(c, l[0], l[1]);
+  }
 };
 
 // Vector k of the 32 floats at a, in RunLevels' order.
@@ -191,36 +195,32 @@ inline void store_block(float* a, int k, __m256 v) {
 }
 
 // acc[r][d0..d0+32) += sum_j pr[r][j] L[code_jd] + zsum[r] for the vectors
-// 2H and 2H + 1 of the block (RunLevels' order): the block in two passes over
-// the slots, so 6 accumulators, the lookup's planes and its temporaries fit 16
-// registers (one pass with 12 accumulators spilled to the stack every slot).
-template <int R, int H, typename Levels>
-inline void accumulate_half(const Levels& levels, const uint8_t* runs, int64_t run_bytes, int n, const float* pr,
-                            int d0, const float* zsum, float* acc, int hd) {
+// K0..K0+NK of the block (RunLevels' order), one pass over the slots.
+template <int R, int K0, int NK, typename Levels>
+inline void accumulate_vectors(const Levels& levels, const uint8_t* runs, int64_t run_bytes, int n, const float* pr,
+                               int d0, const float* zsum, float* acc, int hd) {
   constexpr bool lanes = Levels::kLanes;
-  constexpr int k0 = 2 * H, k1 = 2 * H + 1;
-  __m256 a0[R], a1[R];  // in registers: every index below is a constant once unrolled
+  __m256 a[R][NK];  // in registers (but what does not fit): every index is a constant once unrolled
 #pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    a0[r] = load_block<lanes>(acc + r * hd + d0, k0);
-    a1[r] = load_block<lanes>(acc + r * hd + d0, k1);
-  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < NK; ++k) a[r][k] = load_block<lanes>(acc + r * hd + d0, K0 + k);
   for (int j = 0; j < n; ++j) {
-    __m256 l0, l1;
-    levels.template half<H>(Levels::codes(runs + j * run_bytes, d0), l0, l1);
+    __m256 l[NK];
+    levels.template vectors<K0, NK>(Levels::codes(runs + j * run_bytes, d0), l);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 pv = _mm256_broadcast_ss(pr + r * kTile + j);
-      a0[r] = _mm256_fmadd_ps(pv, l0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(pv, l1, a1[r]);
+#pragma GCC unroll 4
+      for (int k = 0; k < NK; ++k) a[r][k] = _mm256_fmadd_ps(pv, l[k], a[r][k]);
     }
   }
   // The zero-point term, once per element.
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m256 z = _mm256_set1_ps(zsum[r]);
-    store_block<lanes>(acc + r * hd + d0, k0, _mm256_add_ps(a0[r], z));
-    store_block<lanes>(acc + r * hd + d0, k1, _mm256_add_ps(a1[r], z));
+#pragma GCC unroll 4
+    for (int k = 0; k < NK; ++k) store_block<lanes>(acc + r * hd + d0, K0 + k, _mm256_add_ps(a[r][k], z));
   }
 }
 
@@ -258,8 +258,16 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
   const Levels levels(L);
   const uint8_t* runs = t.v_page + int64_t(t.v_head) * kTile * L.run_bytes;
   for (int d0 = 0; d0 < hd; d0 += 32) {
-    accumulate_half<R, 0>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
-    accumulate_half<R, 1>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
+    // A block's 4 vectors x R rows of accumulators in one pass when the lookup
+    // is dear to repeat (4-bit byte shuffles; 12 accumulators then spill one,
+    // ~2 % dearer than ideal but cheaper than looking up twice), else in two
+    // passes of 2 vectors (8-entry lookups are cheap, and 4 rows need them).
+    if constexpr (B == 4 && R <= 3) {
+      accumulate_vectors<R, 0, 4>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
+    } else {
+      accumulate_vectors<R, 0, 2>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
+      accumulate_vectors<R, 2, 2>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);
+    }
   }
 }
 

@@ -204,8 +204,8 @@ struct Lut4Bytes {
     o0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(w01, w23));
     o1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(w01, w23));
   }
-  inline void lookup32_lanes(const uint8_t* p, __m256 out[4]) const {
-    const __m256i codes = codes32(p);
+  inline void lookup32_lanes(const uint8_t* p, __m256 out[4]) const { lanes_all(codes32(p), out); }
+  inline void lanes_all(__m256i codes, __m256 out[4]) const {
     const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
     const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
     const __m256i w01l = _mm256_unpacklo_epi8(b0, b1), w01h = _mm256_unpackhi_epi8(b0, b1);
