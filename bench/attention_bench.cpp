@@ -202,6 +202,7 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   const KvLayerView view = fl.cache->view(0);
+  const SimdLevel level = simd_level();
   if (state.range(0) == 0) set_simd_level(SimdLevel::scalar);
   if (state.range(0) == 2) set_tile_decoders(TileDecoders::portable);
   if (state.range(0) == 2) state.SetLabel(std::string("portable/") + attn::portable_target_name());
@@ -219,7 +220,7 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
         benchmark::ClobberMemory();
       }
   }
-  set_simd_level(detected_simd_level());
+  set_simd_level(level);
   set_tile_decoders(TileDecoders::automatic);
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kSmol.kv_heads,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert) ;
@@ -274,6 +275,17 @@ const char* const kFormats[] = {"f16", "q8_0", "q4_0", "int4", "int4-ch-1%", "in
                                 "nuq4-1%", "nuq3-1%", "nuq2-1%", "nuq4"};
 
 int register_all() {
+  // KVQ_BENCH_SIMD=avx2 (or scalar): cap the SIMD level every kernel dispatches
+  // on, as `kvq --simd` does (e.g. DecodeAttention as an AVX2-only CPU runs it).
+  if (const char* want = std::getenv("KVQ_BENCH_SIMD")) {
+    const std::string w = want;
+    const SimdLevel level = w == "avx512" ? SimdLevel::avx512 : w == "avx2" ? SimdLevel::avx2 : SimdLevel::scalar;
+    if ((w != "avx512" && w != "avx2" && w != "scalar") || level > detected_simd_level()) {
+      std::fprintf(stderr, "KVQ_BENCH_SIMD=%s: not avx512, avx2 or scalar, or above what this CPU runs\n", want);
+      std::exit(2);
+    }
+    set_simd_level(level);
+  }
   // KVQ_BENCH_HWY_TARGET=SSE4 (a Highway target name): run the portable kernels
   // at that target, e.g. to see what a CPU without AVX2 gets.
   if (const char* want = std::getenv("KVQ_BENCH_HWY_TARGET")) {
