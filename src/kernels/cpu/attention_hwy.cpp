@@ -205,10 +205,12 @@ HWY_NOINLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT
       float* ra = acc + d0 + c0;
       float* rb = ra + hd;
       float* rc = ra + 2 * hd;
+      float* re = ra + 3 * hd;
       auto a0 = hn::LoadU(df, ra), a1 = hn::LoadU(df, ra + 4), a2 = hn::LoadU(df, ra + 8), a3 = hn::LoadU(df, ra + 12);
-      auto b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0v = a0, c1 = a1, c2 = a2, c3 = a3;
+      auto b0 = a0, b1 = a1, b2 = a2, b3 = a3, c0v = a0, c1 = a1, c2 = a2, c3 = a3, e0 = a0, e1 = a1, e2 = a2, e3 = a3;
       if constexpr (R > 1) b0 = hn::LoadU(df, rb), b1 = hn::LoadU(df, rb + 4), b2 = hn::LoadU(df, rb + 8), b3 = hn::LoadU(df, rb + 12);
       if constexpr (R > 2) c0v = hn::LoadU(df, rc), c1 = hn::LoadU(df, rc + 4), c2 = hn::LoadU(df, rc + 8), c3 = hn::LoadU(df, rc + 12);
+      if constexpr (R > 3) e0 = hn::LoadU(df, re), e1 = hn::LoadU(df, re + 4), e2 = hn::LoadU(df, re + 8), e3 = hn::LoadU(df, re + 12);
       for (int j = 0; j < n; ++j) {
         kh::VF l0, l1, l2, l3;
         kh::lookup16(p0, p1, p2, p3, codes[j] + c0, l0, l1, l2, l3);
@@ -221,6 +223,10 @@ HWY_NOINLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT
         if constexpr (R > 2) {
           const auto pc = hn::Set(df, pr[2][j]);
           c0v = hn::MulAdd(pc, l0, c0v), c1 = hn::MulAdd(pc, l1, c1), c2 = hn::MulAdd(pc, l2, c2), c3 = hn::MulAdd(pc, l3, c3);
+        }
+        if constexpr (R > 3) {
+          const auto pe = hn::Set(df, pr[3][j]);
+          e0 = hn::MulAdd(pe, l0, e0), e1 = hn::MulAdd(pe, l1, e1), e2 = hn::MulAdd(pe, l2, e2), e3 = hn::MulAdd(pe, l3, e3);
         }
       }
       // The zero-point term, once per element.
@@ -237,9 +243,31 @@ HWY_NOINLINE void accumulate_packed(const TileStep& t, const float* HWY_RESTRICT
         hn::StoreU(hn::Add(c0v, zc), df, rc), hn::StoreU(hn::Add(c1, zc), df, rc + 4);
         hn::StoreU(hn::Add(c2, zc), df, rc + 8), hn::StoreU(hn::Add(c3, zc), df, rc + 12);
       }
+      if constexpr (R > 3) {
+        const auto ze = hn::Set(df, zsum[3]);
+        hn::StoreU(hn::Add(e0, ze), df, re), hn::StoreU(hn::Add(e1, ze), df, re + 4);
+        hn::StoreU(hn::Add(e2, ze), df, re + 8), hn::StoreU(hn::Add(e3, ze), df, re + 12);
+      }
     }
   }
 #endif
+}
+
+// Decoded values t.v into R <= 3 rows (p: their probabilities, acc: outputs).
+template <int R>
+HWY_INLINE void accumulate_decoded(const TileStep& t, const float* p, float* acc) {
+  const DF d;
+  const int N = int(hn::Lanes(d));
+  int c0 = 0;
+  for (; c0 + 4 * N <= t.hd; c0 += 4 * N) accumulate_chunk<R, 4>(p, t.n, t.v, t.hd, c0, acc);
+  switch ((t.hd - c0) / N) {
+    case 3: accumulate_chunk<R, 3>(p, t.n, t.v, t.hd, c0, acc); break;
+    case 2: accumulate_chunk<R, 2>(p, t.n, t.v, t.hd, c0, acc); break;
+    case 1: accumulate_chunk<R, 1>(p, t.n, t.v, t.hd, c0, acc); break;
+    default: break;
+  }
+  c0 += (t.hd - c0) / N * N;
+  if (c0 < t.hd) accumulate_tail<R>(p, t.n, t.v, t.hd, c0, acc);
 }
 
 template <int R>
@@ -248,7 +276,14 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
   const int N = int(hn::Lanes(d));
   const float* q = t.q + int64_t(r0) * t.hd;
   float* s = t.s + int64_t(r0) * kTile;
-  for (int j0 = 0; j0 < kTile; j0 += 4 * N) scores_chunk<R>(q, t.hd, t.kt, j0, s);
+  for (int j0 = 0; j0 < kTile; j0 += 4 * N) {
+    if constexpr (R == 4) {  // 2 + 2 rows (scores_chunk keeps 3 rows of accumulators at most)
+      scores_chunk<2>(q, t.hd, t.kt, j0, s);
+      scores_chunk<2>(q + 2 * t.hd, t.hd, t.kt, j0, s + 2 * kTile);
+    } else {
+      scores_chunk<R>(q, t.hd, t.kt, j0, s);
+    }
+  }
 
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // exp(x) underflows to 0 below this; masked keys (-inf) must give exactly 0.
@@ -287,20 +322,27 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
   if (!t.v) return accumulate_packed<R>(t, s, acc);
-  int c0 = 0;
-  for (; c0 + 4 * N <= t.hd; c0 += 4 * N) accumulate_chunk<R, 4>(s, t.n, t.v, t.hd, c0, acc);
-  switch ((t.hd - c0) / N) {
-    case 3: accumulate_chunk<R, 3>(s, t.n, t.v, t.hd, c0, acc); break;
-    case 2: accumulate_chunk<R, 2>(s, t.n, t.v, t.hd, c0, acc); break;
-    case 1: accumulate_chunk<R, 1>(s, t.n, t.v, t.hd, c0, acc); break;
-    default: break;
+  if constexpr (R == 4) {  // decoded values: 2 + 2 rows, as the scores
+    accumulate_decoded<2>(t, s, acc);
+    accumulate_decoded<2>(t, s + 2 * kTile, acc + 2 * t.hd);
+  } else {
+    accumulate_decoded<R>(t, s, acc);
   }
-  c0 += (t.hd - c0) / N * N;
-  if (c0 < t.hd) accumulate_tail<R>(s, t.n, t.v, t.hd, c0, acc);
 }
+
+// Targets with 32 vector registers (Arm, AVX-512) also take GQA groups of 4
+// (and 8) in 4-row blocks, so each packed value is looked up once for all 4
+// rows (16 value accumulators fit; on 16-register targets they would spill).
+#if HWY_ARCH_ARM_A64 || (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3)
+constexpr bool kFourRowBlocks = true;
+#else
+constexpr bool kFourRowBlocks = false;
+#endif
 
 void TileStepHwy(const TileStep& t) {
   int r = 0;
+  if (kFourRowBlocks && t.rows % 4 == 0)
+    for (; r < t.rows; r += 4) rows_block<4>(t, r);
   for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
   if (t.rows - r == 2) rows_block<2>(t, r);
   else if (t.rows - r == 1) rows_block<1>(t, r);
