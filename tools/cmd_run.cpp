@@ -7,6 +7,8 @@
 #include <random>
 
 #include "common.h"
+#include "base/cpu.h"
+#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -134,6 +136,8 @@ int run(const RunOptions& o) {
   const KvStats kv = session.kv_stats();
   const double prompt_tps = prompt_s > 0 ? double(prompt.size()) / prompt_s : 0;
   const double gen_tps = gen_s > 0 && !generated_ids.empty() ? double(generated_ids.size()) / gen_s : 0;
+  // The attention kernel decode ran (it depends on the CPU, --simd and the value format).
+  const std::string kernel = attention_kernel_name(info.head_dim, &kv_format(kv.type_v));
 
   if (o.json) {
     nlohmann::json j = {
@@ -152,9 +156,12 @@ int run(const RunOptions& o) {
         {"kv_bytes", kv.bytes()},
         {"kv_bytes_k", kv.bytes_k},
         {"kv_bytes_v", kv.bytes_v},
+        {"kv_bytes_positions", kv.bytes_positions},
         {"n_ctx", kv.n_ctx},
         {"n_past", kv.n_tokens},
         {"threads", session.n_threads()},
+        {"simd", simd_level_name(simd_level())},
+        {"attention_kernel", kernel},
         {"temperature", std::stod(fmt::format("{}", o.temperature))},
         {"top_k", o.top_k},
         {"top_p", std::stod(fmt::format("{}", o.top_p))},
@@ -172,9 +179,11 @@ int run(const RunOptions& o) {
              prompt_tps);
   fmt::print(stderr, "kvq: generated: {:5} tokens in {:7.3f} s = {:8.1f} tokens/s ({})\n", generated_ids.size(),
              gen_s, gen_tps, stop_reason == "end_of_generation" ? "end of generation" : stop_reason == "length" ? "reached -n" : "context full");
-  fmt::print(stderr, "kvq: KV cache:  K {} / V {}, {} held ({} K + {} V), context used {} of {} tokens, {} threads\n",
+  fmt::print(stderr,
+             "kvq: KV cache:  K {} / V {}, {} held ({} K + {} V + {} positions), context used {} of {} tokens, "
+             "{} threads, attention kernel {}\n",
              kv.type_k, kv.type_v, format_bytes(kv.bytes()), format_bytes(kv.bytes_k), format_bytes(kv.bytes_v),
-             kv.n_tokens, kv.n_ctx, session.n_threads());
+             format_bytes(kv.bytes_positions), kv.n_tokens, kv.n_ctx, session.n_threads(), kernel);
   if (o.temperature > 0) fmt::print(stderr, "kvq: seed {} (pass --seed {} to repeat this output)\n", smp.seed, smp.seed);
   if (o.type_k == "auto" || o.type_v == "auto")
     if (const std::string note = auto_cache_note(*model, o.kv); !note.empty()) fmt::print(stderr, "kvq: note: {}\n", note);

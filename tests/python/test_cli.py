@@ -250,7 +250,9 @@ def test_run_chat_json(model):
     assert 1 <= out["generated_tokens"] <= 16
     assert out["prompt_tokens"] > 5
     assert out["kv_bytes"] > 0 and out["kv_type_k"] == "f16"
+    assert out["kv_bytes"] == out["kv_bytes_k"] + out["kv_bytes_v"] + out["kv_bytes_positions"]
     assert out["stop_reason"] in ("length", "end_of_generation")
+    assert out["simd"] in ("avx512", "avx2", "scalar") and out["attention_kernel"]
 
 
 def test_perplexity_on_wikitext_head(model, wiki_20k):
