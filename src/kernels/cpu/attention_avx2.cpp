@@ -280,21 +280,16 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
   }
 }
 
-// Decoded values t.v into up to 4 rows (4: 2 + 2, for the registers).
+// Decoded values t.v into up to 3 rows.
 template <int R>
 void accumulate_decoded(const float* p, int n, const float* v, int hd, float* acc) {
-  if constexpr (R == 4) {
-    accumulate_decoded<2>(p, n, v, hd, acc);
-    accumulate_decoded<2>(p + 2 * kTile, n, v, hd, acc + 2 * hd);
-  } else {
-    int c0 = 0;
-    for (; c0 + 32 <= hd; c0 += 32) accumulate_chunk<R, 4>(p, n, v, hd, c0, acc);
-    switch ((hd - c0) / 8) {
-      case 3: accumulate_chunk<R, 3>(p, n, v, hd, c0, acc); break;
-      case 2: accumulate_chunk<R, 2>(p, n, v, hd, c0, acc); break;
-      case 1: accumulate_chunk<R, 1>(p, n, v, hd, c0, acc); break;
-      default: break;
-    }
+  int c0 = 0;
+  for (; c0 + 32 <= hd; c0 += 32) accumulate_chunk<R, 4>(p, n, v, hd, c0, acc);
+  switch ((hd - c0) / 8) {
+    case 3: accumulate_chunk<R, 3>(p, n, v, hd, c0, acc); break;
+    case 2: accumulate_chunk<R, 2>(p, n, v, hd, c0, acc); break;
+    case 1: accumulate_chunk<R, 1>(p, n, v, hd, c0, acc); break;
+    default: break;
   }
 }
 
@@ -343,20 +338,24 @@ void rows_block(const TileStep& t, int r0) {
   }
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
-  if (t.v_page) {
+  if constexpr (R == 4) {
+    accumulate_packed<4>(t, s, acc);  // 4-row blocks are taken over packed values only
+  } else if (t.v_page) {
     accumulate_packed<R>(t, s, acc);
-    return;
+  } else {
+    accumulate_decoded<R>(s, t.n, t.v, t.hd, acc);
   }
-  accumulate_decoded<R>(s, t.n, t.v, t.hd, acc);
 }
 
 }  // namespace
 
 void tile_step_avx2(const TileStep& t) {
   int r = 0;
-  // GQA groups of 4 (and 8) in blocks of 4 rows: each packed value looked up
-  // once per block rather than once per 3 + 1.
-  if (t.rows % 4 == 0)
+  // Decode over packed values, GQA groups of 4 (and 8): blocks of 4 rows, each
+  // packed value looked up once per block rather than once per 3 + 1. (Decoded
+  // values and keys gain nothing from it: their 4-row blocks run as 2 + 2 rows,
+  // which load each key and value vector once per 2 rows instead of per 3.)
+  if (t.v_page && t.rows % 4 == 0)
     for (; r < t.rows; r += 4) rows_block<4>(t, r);
   for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
   if (t.rows - r == 2) rows_block<2>(t, r);

@@ -321,18 +321,16 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
   }
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
-  if (!t.v) return accumulate_packed<R>(t, s, acc);
-  if constexpr (R == 4) {  // decoded values: 2 + 2 rows, as the scores
-    accumulate_decoded<2>(t, s, acc);
-    accumulate_decoded<2>(t, s + 2 * kTile, acc + 2 * t.hd);
-  } else {
-    accumulate_decoded<R>(t, s, acc);
-  }
+  // (4-row blocks are taken over packed values only.)
+  if (R == 4 || !t.v) return accumulate_packed<R>(t, s, acc);
+  if constexpr (R < 4) accumulate_decoded<R>(t, s, acc);
 }
 
-// Targets with 32 vector registers (Arm, AVX-512) also take GQA groups of 4
-// (and 8) in 4-row blocks, so each packed value is looked up once for all 4
-// rows (16 value accumulators fit; on 16-register targets they would spill).
+// On targets with 32 vector registers (Arm, AVX-512), decode over packed
+// values takes GQA groups of 4 (and 8) in 4-row blocks, so each packed value
+// is looked up once for all 4 rows (16 value accumulators fit; on 16-register
+// targets they would spill). Decoded values and keys gain nothing from it
+// (their 4-row blocks run as 2 + 2 rows).
 #if HWY_ARCH_ARM_A64 || (HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3)
 constexpr bool kFourRowBlocks = true;
 #else
@@ -341,7 +339,7 @@ constexpr bool kFourRowBlocks = false;
 
 void TileStepHwy(const TileStep& t) {
   int r = 0;
-  if (kFourRowBlocks && t.rows % 4 == 0)
+  if (kFourRowBlocks && !t.v && t.rows % 4 == 0)
     for (; r < t.rows; r += 4) rows_block<4>(t, r);
   for (; r + 3 <= t.rows; r += 3) rows_block<3>(t, r);
   if (t.rows - r == 2) rows_block<2>(t, r);
