@@ -226,6 +226,7 @@ Command register_bench(CLI::App& app) {
       "  kvq bench -ctk f16,f32 -ctv f16,f32 --json");
   add_model_flag(*sub, o->model);
   add_threads_flag(*sub, o->threads);
+  add_simd_flag(*sub);
   add_batch_flag(*sub, o->n_batch);
   const std::string names = kv_format_names();
   sub->add_option("-p,--n-prompt", o->n_prompt, "prompt lengths for ppN tests (0 skips)")

@@ -208,6 +208,7 @@ Command register_calibrate(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the k-means (and of the sampled text without -f)")->type_name("N")->capture_default_str();
   add_threads_flag(*sub, o->threads);
+  add_simd_flag(*sub);
   add_json_flag(*sub, o->json, "print the result as one JSON object");
   return [o, sub] {
     if (o->text_file.empty()) {

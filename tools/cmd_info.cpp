@@ -5,6 +5,8 @@
 #include <map>
 
 #include "common.h"
+#include "base/cpu.h"
+#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -72,6 +74,10 @@ int info(const InfoOptions& o) {
   const KvFormatInfo* fk = find_kv_format(o.type_k);
   const KvFormatInfo* fv = find_kv_format(o.type_v);
   const uint64_t selected_kv = fk && fv ? kv_at(*model, o.type_k, o.type_v, ctx).bytes() : 0;
+  // The attention kernel decode runs on this CPU for each value format (it
+  // depends on the SIMD level, the head size and whether values are read
+  // from their codes).
+  auto decode_kernel = [&](const std::string& type) { return attention_kernel_name(m.head_dim, &kv_format(type)); };
 
   if (o.json) {
     nlohmann::json meta = nlohmann::json::object();
@@ -99,7 +105,8 @@ int info(const InfoOptions& o) {
                     {"bytes_full_precision", st.bytes_full_precision},
                     {"bytes_calibration", st.bytes_calibration},
                     {"bytes_positions", st.bytes_positions},
-                    {"bytes_per_token", double(st.bytes()) / double(ctx)}});
+                    {"bytes_per_token", double(st.bytes()) / double(ctx)},
+                    {"decode_attention_kernel", decode_kernel(f.name)}});
     }
     nlohmann::json j = {
         {"path", m.path},
@@ -118,6 +125,7 @@ int info(const InfoOptions& o) {
         {"metadata", meta},
         {"tensor_types", types},
         {"n_tensors", m.tensors.size()},
+        {"simd", simd_level_name(simd_level())},
         {"kv_cache", {{"ctx", ctx}, {"type_k", o.type_k}, {"type_v", o.type_v},
                       {"bytes", selected_kv}, {"formats", kv}}},
     };
@@ -160,6 +168,14 @@ int info(const InfoOptions& o) {
          f.description);
   }
   line("  selected: K {} + V {} = {}", o.type_k, o.type_v, format_bytes(selected_kv));
+  std::map<std::string, std::string> kernels;  // kernel -> the formats that decode with it
+  for (const auto& f : formats) {
+    std::string& list = kernels[decode_kernel(f.name)];
+    list += (list.empty() ? "" : ", ") + f.name;
+  }
+  line("decode attention on this CPU (SIMD level {}):", simd_level_name(simd_level()));
+  for (const auto& [kernel, list] : kernels)
+    line("  {} kernel: {}", kernel, kernels.size() == 1 ? std::string("every format") : list);
   line("");
   line("tensors: {}", m.tensors.size());
   if (o.tensors) {
@@ -191,6 +207,7 @@ Command register_info(CLI::App& app) {
       "  kvq info -m model.gguf -c 32768 --tensors\n"
       "  kvq info --json");
   add_model_flag(*sub, o->model);
+  add_simd_flag(*sub);
   add_ctx_flag(*sub, o->n_ctx, 1, "context length for the KV cache sizes (default: the training context)");
   add_cache_type_flags(*sub, o->type_k, o->type_v);
   sub->add_flag("--tensors", o->tensors, "list every tensor (default: a summary per type)");

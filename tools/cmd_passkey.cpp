@@ -370,6 +370,7 @@ Command register_passkey(CLI::App& app) {
       "  kvq passkey -ctk f32 -ctv f32 --json");
   add_model_flag(*sub, o->model);
   add_threads_flag(*sub, o->threads);
+  add_simd_flag(*sub);
   add_batch_flag(*sub, o->n_batch);
   add_cache_type_flags(*sub, o->type_k, o->type_v);
   add_kv_cache_flags(*sub, o->kv);

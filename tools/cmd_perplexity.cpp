@@ -396,6 +396,7 @@ Command register_perplexity(CLI::App& app) {
                   "text to score (WikiText-2: wiki.test.txt = raw test split rows joined with \"\\n\\n\")")
       ->type_name("FILE");
   add_threads_flag(*sub, o->threads);
+  add_simd_flag(*sub);
   add_ctx_flag(*sub, o->n_ctx, 16, "window length in tokens");
   sub->get_option("--ctx-size")->capture_default_str();
   add_batch_flag(*sub, o->n_batch);

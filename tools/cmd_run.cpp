@@ -210,6 +210,7 @@ Command register_run(CLI::App& app) {
       ->check(int_range(0, kMaxCtx))
       ->capture_default_str();
   add_threads_flag(*sub, o->threads);
+  add_simd_flag(*sub);
   add_ctx_flag(*sub, o->n_ctx, 16, fmt::format("context size in tokens (default: {} or the training context if smaller)", kDefaultRunCtx));
   add_batch_flag(*sub, o->n_batch);
   add_cache_type_flags(*sub, o->type_k, o->type_v);

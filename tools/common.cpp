@@ -44,7 +44,9 @@ void add_threads_flag(CLI::App& app, int& threads) {
       ->type_name("N")
       ->check(int_range(1, kMaxThreads))
       ->capture_default_str();
-  // Beside -t: every command that runs the model takes both.
+}
+
+void add_simd_flag(CLI::App& app) {
   app.add_option_function<std::string>(
          "--simd",
          [](const std::string& name) {

@@ -347,6 +347,15 @@ def test_info_json(model):
     assert q["bytes"] == (q["bytes_codes"] + q["bytes_scales"] + q["bytes_outliers"] + q["bytes_full_precision"]
                           + q["bytes_calibration"] + q["bytes_positions"])
     assert 3.5 < kv["f16"]["bytes_k"] / q["bytes_k"] < 3.8
+    # Which kernel decode runs, per value format: at this head size (64) every
+    # format takes the kernel of the CPU's SIMD level (the portable one without SIMD).
+    assert out["simd"] in ("avx512", "avx2", "scalar")
+    want = {"avx512": "avx512", "avx2": "avx2", "scalar": "portable"}[out["simd"]]
+    assert all(f["decode_attention_kernel"].split("/")[0] == want for f in kv.values()), kv["f16"]
+    if out["simd"] != "scalar":  # lowered with --simd, the kernels follow
+        low = json.loads(run_kvq("info", "-m", model, "--json", "--simd", "scalar").stdout)
+        assert low["simd"] == "scalar"
+        assert {f["decode_attention_kernel"] for f in low["kv_cache"]["formats"]} == {"scalar"}
 
 
 def test_info_text(model):
