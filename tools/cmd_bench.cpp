@@ -197,12 +197,14 @@ int bench(const BenchOptions& o) {
   }
 
   std::string table;
-  table += "| model | size | params | threads | type_k | type_v | test | t/s | GB/s |\n";
-  table += "| --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: |\n";
+  // "kernel": the attention kernel the test ran (it follows the CPU, --simd and the value format).
+  table += "| model | size | params | threads | kernel | type_k | type_v | test | t/s | GB/s |\n";
+  table += "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: | ---: |\n";
   for (const auto& r : results)
-    table += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {:.2f} ± {:.2f} | {} |\n", model_name,
-                         format_bytes(m.weight_bytes), format_count(m.n_params), threads_used, r.type_k, r.type_v,
-                         r.name(), r.ts.mean, r.ts.stddev, r.test == "tg" ? fmt::format("{:.2f}", r.gb_per_s) : "");
+    table += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {:.2f} ± {:.2f} | {} |\n", model_name,
+                         format_bytes(m.weight_bytes), format_count(m.n_params), threads_used, r.attention_kernel,
+                         r.type_k, r.type_v, r.name(), r.ts.mean, r.ts.stddev,
+                         r.test == "tg" ? fmt::format("{:.2f}", r.gb_per_s) : "");
   write_stdout(table);
   return 0;
 }
