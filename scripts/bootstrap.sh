@@ -3,19 +3,9 @@
 # skipping whatever is already present. Safe to run again.
 set -euo pipefail
 
-apt_packages=(build-essential cmake g++ clang libclang-rt-14-dev googletest libgtest-dev libbenchmark-dev
-              libfmt-dev libcli11-dev nlohmann-json3-dev libhwy-dev python3 python3-pip unzip ca-certificates)
-missing=()
-for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "kvq: installing Debian packages: ${missing[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+"$(dirname "$0")/install-debs.sh" "Debian packages" \
+  build-essential cmake g++ clang libclang-rt-14-dev googletest libgtest-dev libbenchmark-dev \
+  libfmt-dev libcli11-dev nlohmann-json3-dev libhwy-dev python3 python3-pip unzip ca-certificates
 
 # Python side of the test suite: NumPy references and the gguf package for fixtures.
 py_missing=()
