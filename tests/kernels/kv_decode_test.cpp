@@ -370,6 +370,8 @@ TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
                                                   got.data()),
                             scores && rows <= 4)
                       << f.name << " rows=" << rows;
+                  // The up-front answer callers decide by says the same.
+                  ASSERT_EQ(kv_scores_rotated_keys(*codec, rows), scores && rows <= 4) << f.name << " rows=" << rows;
                   if (!scores || rows > 4) continue;
                   std::vector<float> kt(size_t(hd) * kKvPageTokens, 0.0f);
                   if (!kv_decode_rotate_keys(*codec, page.data(), head, n, kt.data(), cs.data(), half, neox)) {

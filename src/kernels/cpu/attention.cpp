@@ -219,10 +219,12 @@ void attention(const AttentionArgs& a, ThreadPool& pool) {
   // (The scalar reference keeps rotating each key at its own position.)
   const bool relative_rope = kernel != AttentionKernel::scalar && kv.keys_pre_rope && rows_max <= kRelativeRopeMaxRows;
   const int half_rot = kv.rope ? kv.rope->spec().n_rot / 2 : 0;
-  // Scores computed by the key decoder (KvLayerView::score_keys): AVX-512, up
-  // to 4 rows (decode of a GQA group of <= 4; more rows would decode the keys
-  // once per 4).
-  const bool score_in_decode = kernel == AttentionKernel::avx512 && rows_max <= 4;
+  // Scores computed by the key decoder (KvLayerView::score_keys): the AVX-512
+  // step over pre-RoPE keys the scorer takes, up to 4 rows (decode of a GQA
+  // group of <= 4; more rows would decode the keys once per 4). Decided here,
+  // once: a page whose keys it declined would compose its angles twice.
+  const bool score_in_decode = kernel == AttentionKernel::avx512 && kv.keys_pre_rope &&
+                               kv_scores_rotated_keys(*kv.k_codec, rows_max);
   const int task_rows = rows_max * heads_per_task;    // state rows of one task
 
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).

@@ -83,6 +83,14 @@ bool kv_score_rotated_keys(const KvCodec& codec, const uint8_t* page, int head, 
   return false;
 }
 
+bool kv_scores_rotated_keys(const KvCodec& codec, int rows) {
+#if defined(__x86_64__)
+  if (tile_decoders() == TileDecoders::avx512) return simd::kv_scores_rotated_keys_avx512(codec.layout(), rows);
+#endif
+  (void)codec, (void)rows;
+  return false;
+}
+
 void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox) {
   switch (tile_decoders()) {
 #if defined(__x86_64__)

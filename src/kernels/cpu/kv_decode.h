@@ -56,6 +56,10 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
 // caller then decodes the tile and scores it.
 bool kv_score_rotated_keys(const KvCodec& codec, const uint8_t* page, int head, int n, const float* cs, int half,
                            bool neox, const float* q, int rows, float* s);
+// Whether kv_score_rotated_keys has a path for this codec's keys and `rows`
+// query rows with the decoders that run now: a caller decides once, before
+// composing any page's angles for it.
+bool kv_scores_rotated_keys(const KvCodec& codec, int rows);
 
 enum class TileDecoders { automatic, codec, avx2, portable, avx512 };
 TileDecoders tile_decoders();  // the decoders that run now (never automatic)
@@ -109,6 +113,7 @@ bool kv_decode_rotate_keys_avx512(const KvCodecLayout& layout, const uint8_t* pa
                                   const float* cs, int half, bool neox);
 bool kv_score_rotated_keys_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, const float* cs,
                                   int half, bool neox, const float* q, int rows, float* s);
+bool kv_scores_rotated_keys_avx512(const KvCodecLayout& layout, int rows);
 // The portable decoders (kv_decode_hwy.cpp), at the Highway target dispatch
 // picks (attn::pin_portable_target pins it); false: no path for this layout
 // or target (the one-lane baseline declines everything).

@@ -210,11 +210,14 @@ void score_keys_rotated_rows(const KvCodecLayout& L, const uint8_t* page, int he
 
 }  // namespace
 
+bool kv_scores_rotated_keys_avx512(const KvCodecLayout& L, int rows) {
+  return L.scheme == KvScheme::quant && L.role == KvRole::key && L.per_channel && L.levels && L.zp && L.range &&
+         L.bits >= 2 && L.bits <= 4 && rows >= 1 && rows <= 4;
+}
+
 bool kv_score_rotated_keys_avx512(const KvCodecLayout& L, const uint8_t* page, int head, int n, const float* cs,
                                   int half, bool neox, const float* q, int rows, float* s) {
-  if (L.scheme != KvScheme::quant || L.role != KvRole::key || !L.per_channel || !L.levels || !L.zp || !L.range ||
-      rows < 1 || rows > 4)
-    return false;
+  if (!kv_scores_rotated_keys_avx512(L, rows)) return false;
   switch (L.bits) {
     case 2: score_keys_rotated_rows<2>(L, page, head, n, cs, half, neox, q, rows, s); return true;
     case 3: score_keys_rotated_rows<3>(L, page, head, n, cs, half, neox, q, rows, s); return true;
