@@ -193,8 +193,9 @@ struct Lut4Bytes {
     return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
   }
   // Half H of lookup32_lanes: out[2H] and out[2H + 1] only. Two halves take
-  // four byte shuffles more than one whole lookup but hold two vectors fewer
-  // at once (a caller with 12 accumulators then fits in 16 registers).
+  // four byte shuffles more than one whole lookup, for a caller that keeps one
+  // half's accumulators at a time (4 rows x 2 vectors fit 16 registers, 4 x 4
+  // do not).
   template <int H>
   inline void lanes_half(__m256i codes, __m256& o0, __m256& o1) const {
     const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
