@@ -33,6 +33,8 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_tile.h"
 #include "kernels/cpu/kv_decode.h"
+#include "kernels/cpu/kv_tile.h"
+#include "kvq/error.h"
 #include "kvcache/kv_cache.h"
 
 namespace kvq {
@@ -128,6 +130,10 @@ Filled& filled(const std::string& name, int64_t ctx, const Shape& sh = kSmol) {
   return fl;
 }
 
+// The kernels every benchmark starts from: the best this CPU runs, unless
+// KVQ_BENCH_SIMD / KVQ_BENCH_HWY_TARGET say otherwise (register_all).
+KernelSet g_base;
+
 // The next token's query (every query head, random) at position ctx, and its output.
 struct DecodeQuery {
   int heads;
@@ -141,8 +147,8 @@ struct DecodeQuery {
     std::normal_distribution<float> nd(0.0f, 1.0f);
     for (auto& x : q) x = nd(rng);
   }
-  void attend(const KvLayerView& view, ThreadPool& threads) {
-    attention({q.data(), 1, heads, &pos, scale, view, out.data()}, threads);
+  void attend(const KvLayerView& view, ThreadPool& threads, const KernelSet& ks) {
+    attention({q.data(), 1, heads, &pos, scale, view, out.data(), ks}, threads);
     benchmark::DoNotOptimize(out.data());
   }
 };
@@ -152,9 +158,10 @@ void BM_DecodeAttention(benchmark::State& state, std::string name, Shape sh) {
   const int64_t ctx = state.range(0);
   Filled& fl = filled(name, ctx, sh);
   DecodeQuery query(ctx, sh);
-  state.SetLabel(attention_kernel_name(sh.hd, &kv_format(name)));
+  const KernelSet ks = resolve_kernels(g_base);
+  state.SetLabel(attention_kernel_name(ks, sh.hd, &kv_format(name)));
   for (auto _ : state)
-    for (int l = 0; l < fl.layers; ++l) query.attend(fl.cache->view(l), pool());
+    for (int l = 0; l < fl.layers; ++l) query.attend(fl.cache->view(l), pool(), ks);
   const double iters = double(state.iterations());
   const double flops = 4.0 * sh.heads() * sh.hd * double(ctx) * fl.layers;  // QK + PV, 2 flops per multiply-add
   state.counters["layers"] = fl.layers;
@@ -174,20 +181,21 @@ void BM_DecodeAttention(benchmark::State& state, std::string name, Shape sh) {
 void BM_DecodeAttention1T(benchmark::State& state, std::string name, AttentionKernel kernel, TileDecoders decoders,
                           Shape sh) {
   static ThreadPool one(1);
-  if ((kernel == AttentionKernel::avx2 && detected_simd_level() < SimdLevel::avx2) ||
-      (kernel == AttentionKernel::avx512 && detected_simd_level() < SimdLevel::avx512))
-    return state.SkipWithError("this CPU does not run that kernel");
+  KernelSet ks = g_base;
+  ks.attention = kernel;
+  ks.decoders = decoders;
+  try {
+    ks = resolve_kernels(ks);
+  } catch (const Error& e) {
+    return state.SkipWithError(e.what());
+  }
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx, sh);
   DecodeQuery query(ctx, sh);
   const KvLayerView view = fl.cache->view(0);
-  set_attention_kernel(kernel);
-  set_tile_decoders(decoders);
   const char* dec[] = {"", "+codecs", "+avx2 decoders", "+portable decoders"};
-  state.SetLabel(attention_kernel_name(sh.hd, &kv_format(name)) + dec[int(decoders)]);
-  for (auto _ : state) query.attend(view, one);
-  set_attention_kernel(AttentionKernel::automatic);
-  set_tile_decoders(TileDecoders::automatic);
+  state.SetLabel(attention_kernel_name(ks, sh.hd, &kv_format(name)) + dec[int(decoders)]);
+  for (auto _ : state) query.attend(view, one, ks);
   const double tiles = double(ctx / kKvPageTokens) * sh.kv_heads;
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * tiles * 1e-9,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
@@ -202,26 +210,25 @@ void BM_TileDecode(benchmark::State& state, std::string name) {
   const int64_t ctx = 4096;
   Filled& fl = filled(name, ctx);
   const KvLayerView view = fl.cache->view(0);
-  const SimdLevel level = simd_level();
-  if (state.range(0) == 0) set_simd_level(SimdLevel::scalar);
-  if (state.range(0) == 2) set_tile_decoders(TileDecoders::portable);
-  if (state.range(0) == 2) state.SetLabel(std::string("portable/") + attn::portable_target_name());
+  KernelSet ks = g_base;
+  if (state.range(0) == 0) ks.simd = SimdLevel::scalar;
+  if (state.range(0) == 2) ks.decoders = TileDecoders::portable;
   if (state.range(0) == 3) {
     if (detected_simd_level() < SimdLevel::avx2) return state.SkipWithError("no AVX2 on this CPU");
-    set_tile_decoders(TileDecoders::avx2);
+    ks.decoders = TileDecoders::avx2;
   }
+  ks = resolve_kernels(ks);
+  if (state.range(0) == 2) state.SetLabel(std::string("portable/") + portable_target_name(ks.portable_target));
   std::vector<float> kt(size_t(kSmol.hd) * kKvPageTokens), vt(kt.size());
   const int64_t pages = (ctx + kKvPageTokens - 1) / kKvPageTokens;
   for (auto _ : state) {
     for (int64_t p = 0; p < pages; ++p)
       for (int h = 0; h < kSmol.kv_heads; ++h) {
-        view.decode_keys(p, h, kt.data(), kKvNoWindow, view.keys_pre_rope && view.page_consecutive(p));
-        view.decode_values(p, h, vt.data());
+        kv_decode_key_tile(ks, view, p, h, kt.data(), kKvNoWindow, view.keys_pre_rope && view.page_consecutive(p));
+        kv_decode_value_tile(ks, view, p, h, vt.data());
         benchmark::ClobberMemory();
       }
   }
-  set_simd_level(level);
-  set_tile_decoders(TileDecoders::automatic);
   state.counters["ns/tile"] = benchmark::Counter(double(state.iterations()) * pages * kSmol.kv_heads,
                                                  benchmark::Counter::kIsRate | benchmark::Counter::kInvert) ;
   state.counters["GB/s"] = benchmark::Counter(double(fl.bytes_per_layer) * state.iterations() / 1e9, benchmark::Counter::kIsRate);
@@ -284,14 +291,14 @@ int register_all() {
       std::fprintf(stderr, "KVQ_BENCH_SIMD=%s: not avx512, avx2 or scalar, or above what this CPU runs\n", want);
       std::exit(2);
     }
-    set_simd_level(level);
+    g_base.simd = level;
   }
   // KVQ_BENCH_HWY_TARGET=SSE4 (a Highway target name): run the portable kernels
   // at that target, e.g. to see what a CPU without AVX2 gets.
   if (const char* want = std::getenv("KVQ_BENCH_HWY_TARGET")) {
     bool found = false;
-    for (int64_t t : attn::portable_targets())
-      if (std::string(hwy::TargetName(t)) == want) attn::pin_portable_target(t), found = true;
+    for (int64_t t : portable_targets())
+      if (std::string(hwy::TargetName(t)) == want) g_base.portable_target = t, found = true;
     if (!found) {
       std::fprintf(stderr, "KVQ_BENCH_HWY_TARGET=%s: not a Highway target this CPU runs\n", want);
       std::exit(2);

@@ -87,7 +87,7 @@ void BM_Matmul(benchmark::State& state) {
   size_t i = 0;
   for (auto _ : state) {
     const WeightView w{type, rows, cols, ws[i].get(), rb};
-    matmul(w, x.data(), y.data(), tokens, tp);
+    matmul(w, x.data(), y.data(), tokens, tp, detected_simd_level());
     benchmark::DoNotOptimize(y.data());
     i = (i + 1) % ws.size();
   }
@@ -97,7 +97,7 @@ void BM_Matmul(benchmark::State& state) {
   state.counters["FLOP/s"] = benchmark::Counter(2.0 * double(rows) * double(cols) * double(tokens) *
                                                     double(state.iterations()),
                                                 benchmark::Counter::kIsRate);
-  state.SetLabel(std::string(ggml_type_name(type)) + " " + simd_level_name(simd_level()) + " threads=" +
+  state.SetLabel(std::string(ggml_type_name(type)) + " " + simd_level_name(detected_simd_level()) + " threads=" +
                  std::to_string(tp.size()));
 }
 
@@ -147,7 +147,7 @@ void BM_DecodeModelMatmuls(benchmark::State& state) {
   for (auto _ : state)
     for (size_t i = 0; i < mats.size(); ++i) {
       const WeightView w{mats[i].type, mats[i].rows, mats[i].cols, ws[i].get(), rbs[i]};
-      matmul(w, x.data(), y.data(), 1, pool());
+      matmul(w, x.data(), y.data(), 1, pool(), detected_simd_level());
       benchmark::ClobberMemory();
     }
   state.counters["tokens/s"] = benchmark::Counter(double(state.iterations()), benchmark::Counter::kIsRate);
@@ -198,7 +198,7 @@ void BM_VecDot(benchmark::State& state) {
   std::vector<uint8_t> a(size_t(n / aq->block_elems) * size_t(aq->block_bytes));
   const auto x = make_input(n, 5);
   aq->from_float_ref(x.data(), a.data(), n);
-  for (auto _ : state) benchmark::DoNotOptimize(vec_dot(type, n, w.get(), a.data()));
+  for (auto _ : state) benchmark::DoNotOptimize(vec_dot(type, n, w.get(), a.data(), detected_simd_level()));
   state.counters["weight_bytes/s"] = benchmark::Counter(double(rb) * double(state.iterations()),
                                                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1024);
   state.SetLabel(std::string(ggml_type_name(type)));
@@ -219,7 +219,7 @@ void BM_QuantizeRow(benchmark::State& state) {
   const auto x = make_input(n, 6);
   std::vector<uint8_t> out(size_t(n / q->block_elems) * size_t(q->block_bytes));
   for (auto _ : state) {
-    quantize_row(type, x.data(), out.data(), n);
+    quantize_row(type, x.data(), out.data(), n, detected_simd_level());
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(int64_t(state.iterations()) * n);
@@ -239,7 +239,7 @@ void BM_DequantizeRow(benchmark::State& state) {
   Buffer w = make_weights(type, 1, n, &rb, 7);
   std::vector<float> out(static_cast<size_t>(n));
   for (auto _ : state) {
-    dequantize_row(type, w.get(), out.data(), n);
+    dequantize_row(type, w.get(), out.data(), n, detected_simd_level());
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(int64_t(state.iterations()) * n);

@@ -7,8 +7,6 @@
 #include <random>
 
 #include "common.h"
-#include "base/cpu.h"
-#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -22,6 +20,7 @@ struct BenchOptions {
   std::vector<int64_t> depths{0};
   std::vector<std::string> types_k{"f16"}, types_v{"f16"};
   KvCacheOptions kv;
+  std::string simd = "auto";
   int reps = 3;
   uint64_t seed = 1234;
   std::string depth_fill = "copy";
@@ -91,6 +90,7 @@ int bench(const BenchOptions& o) {
         sp.cache_type_k = resolve_cache_type(tk, model, o.kv, o.json);
         sp.cache_type_v = resolve_cache_type(tv, model, o.kv, o.json);
         o.kv.apply_to(sp);
+        sp.simd = o.simd;
         Session session(model, sp);
         threads_used = session.n_threads();
         const std::vector<int32_t> prefix = random_tokens(rng, m.n_vocab, depth);
@@ -116,7 +116,7 @@ int bench(const BenchOptions& o) {
         for (int64_t p : o.n_prompt) {
           if (p == 0) continue;
           Result r = make_result("pp", p, depth, session.n_ctx(), tk, tv);
-          r.attention_kernel = attention_kernel_name(m.head_dim);
+          r.attention_kernel = session.kernels().prefill_attention;
           for (int rep = 0; rep < o.reps; ++rep) {
             fill();
             const auto batch = random_tokens(rng, m.n_vocab, p);
@@ -132,7 +132,7 @@ int bench(const BenchOptions& o) {
         for (int64_t n : o.n_gen) {
           if (n == 0) continue;
           Result r = make_result("tg", n, depth, session.n_ctx(), tk, tv);
-          r.attention_kernel = attention_kernel_name(m.head_dim, &kv_format(sp.cache_type_v));
+          r.attention_kernel = session.kernels().decode_attention;
           for (int rep = 0; rep < o.reps; ++rep) {
             std::span<const float> logits = fill();
             int32_t token = logits.empty() ? random_tokens(rng, m.n_vocab, 1)[0] : argmax(logits);
@@ -186,7 +186,7 @@ int bench(const BenchOptions& o) {
                           {"n_params", m.n_params},
                           {"weight_bytes", m.weight_bytes},
                           {"threads", threads_used},
-                          {"simd", simd_level_name(simd_level())},
+                          {"simd", kernel_info(*model, SessionParams{.simd = o.simd}).simd},
                           {"n_batch", o.n_batch},
                           {"seed", o.seed},
                           {"depth_fill", o.depth_fill},
@@ -228,7 +228,7 @@ Command register_bench(CLI::App& app) {
       "  kvq bench -ctk f16,f32 -ctv f16,f32 --json");
   add_model_flag(*sub, o->model);
   add_threads_flag(*sub, o->threads);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_batch_flag(*sub, o->n_batch);
   const std::string names = kv_format_names();
   sub->add_option("-p,--n-prompt", o->n_prompt, "prompt lengths for ppN tests (0 skips)")

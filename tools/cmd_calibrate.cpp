@@ -25,6 +25,7 @@ struct CalibrateOptions {
   int sink = 1;
   uint64_t seed = 0;
   int threads = 0;
+  std::string simd = "auto";
   bool json = false;
 };
 
@@ -88,6 +89,7 @@ int calibrate(CalibrateOptions o) {
   p.weighting = weighting;
   p.also_weightings = o.also;
   p.seed = o.seed;
+  p.simd = o.simd;
   p.text_name = sampled ? fmt::format("sampled from the model (seed {})", o.seed)
                         : std::filesystem::path(o.text_file).filename().string();
   Stopwatch clock;
@@ -208,7 +210,7 @@ Command register_calibrate(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the k-means (and of the sampled text without -f)")->type_name("N")->capture_default_str();
   add_threads_flag(*sub, o->threads);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_json_flag(*sub, o->json, "print the result as one JSON object");
   return [o, sub] {
     if (o->text_file.empty()) {

@@ -5,8 +5,6 @@
 #include <map>
 
 #include "common.h"
-#include "base/cpu.h"
-#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -15,6 +13,7 @@ struct InfoOptions {
   std::string model;
   int64_t n_ctx = 0;  // 0: training context
   std::string type_k = "f16", type_v = "f16";
+  std::string simd = "auto";
   bool tensors = false;
   bool json = false;
 };
@@ -77,7 +76,12 @@ int info(const InfoOptions& o) {
   // The attention kernel decode runs on this CPU for each value format (it
   // depends on the SIMD level, the head size and whether values are read
   // from their codes).
-  auto decode_kernel = [&](const std::string& type) { return attention_kernel_name(m.head_dim, &kv_format(type)); };
+  auto decode_kernel = [&](const std::string& type) {
+    SessionParams sp;
+    sp.simd = o.simd;
+    sp.cache_type_v = type;
+    return kernel_info(*model, sp).decode_attention;
+  };
 
   if (o.json) {
     nlohmann::json meta = nlohmann::json::object();
@@ -125,7 +129,7 @@ int info(const InfoOptions& o) {
         {"metadata", meta},
         {"tensor_types", types},
         {"n_tensors", m.tensors.size()},
-        {"simd", simd_level_name(simd_level())},
+        {"simd", kernel_info(*model, SessionParams{.simd = o.simd}).simd},
         {"kv_cache", {{"ctx", ctx}, {"type_k", o.type_k}, {"type_v", o.type_v},
                       {"bytes", selected_kv}, {"formats", kv}}},
     };
@@ -173,7 +177,7 @@ int info(const InfoOptions& o) {
     std::string& list = kernels[decode_kernel(f.name)];
     list += (list.empty() ? "" : ", ") + f.name;
   }
-  line("decode attention on this CPU (SIMD level {}):", simd_level_name(simd_level()));
+  line("decode attention on this CPU (SIMD level {}):", kernel_info(*model, SessionParams{.simd = o.simd}).simd);
   for (const auto& [kernel, list] : kernels)
     line("  {} kernel: {}", kernel, kernels.size() == 1 ? std::string("every format") : list);
   line("");
@@ -207,7 +211,7 @@ Command register_info(CLI::App& app) {
       "  kvq info -m model.gguf -c 32768 --tensors\n"
       "  kvq info --json");
   add_model_flag(*sub, o->model);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_ctx_flag(*sub, o->n_ctx, 1, "context length for the KV cache sizes (default: the training context)");
   add_cache_type_flags(*sub, o->type_k, o->type_v);
   sub->add_flag("--tensors", o->tensors, "list every tensor (default: a summary per type)");

@@ -30,6 +30,7 @@ struct PasskeyOptions {
   std::vector<double> depths{0.1, 0.5, 0.9};
   int trials = 1;
   uint64_t seed = 1234;
+  std::string simd = "auto";
   bool json = false;
 };
 
@@ -195,6 +196,7 @@ int passkey(const PasskeyOptions& options) {
     sp.cache_type_k = o.type_k;
     sp.cache_type_v = o.type_v;
     o.kv.apply_to(sp);
+    sp.simd = o.simd;
     Session session(model, sp);  // one allocation per length; reset() between trials
     threads_used = session.n_threads();
     sum.n_ctx = session.n_ctx();
@@ -370,7 +372,7 @@ Command register_passkey(CLI::App& app) {
       "  kvq passkey -ctk f32 -ctv f32 --json");
   add_model_flag(*sub, o->model);
   add_threads_flag(*sub, o->threads);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_batch_flag(*sub, o->n_batch);
   add_cache_type_flags(*sub, o->type_k, o->type_v);
   add_kv_cache_flags(*sub, o->kv);

@@ -31,6 +31,7 @@ struct PerplexityOptions {
   std::string protocol = "kvquant";
   std::string compare;                 // baseline cache "K[/V]" (empty: no comparison)
   std::vector<std::string> sweep;      // candidate caches "K[/V][+sinkN][+winN]"
+  std::string simd = "auto";
   bool json = false;
 };
 
@@ -183,6 +184,7 @@ int perplexity(const PerplexityOptions& o) {
     sp.kv_calibration = o.kv.calibration;
     sp.kv_sink = c.sink;
     sp.kv_window = c.window;
+    sp.simd = o.simd;
     sessions.push_back(std::make_unique<Session>(model, sp));
   }
   const int n_threads = sessions[0]->n_threads();
@@ -396,7 +398,7 @@ Command register_perplexity(CLI::App& app) {
                   "text to score (WikiText-2: wiki.test.txt = raw test split rows joined with \"\\n\\n\")")
       ->type_name("FILE");
   add_threads_flag(*sub, o->threads);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_ctx_flag(*sub, o->n_ctx, 16, "window length in tokens");
   sub->get_option("--ctx-size")->capture_default_str();
   add_batch_flag(*sub, o->n_batch);

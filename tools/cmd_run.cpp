@@ -7,8 +7,6 @@
 #include <random>
 
 #include "common.h"
-#include "base/cpu.h"
-#include "kernels/cpu/attention.h"
 
 namespace kvq::cli {
 namespace {
@@ -20,6 +18,7 @@ struct RunOptions {
   int n_batch = 512;
   std::string type_k = "auto", type_v = "auto";
   KvCacheOptions kv;
+  std::string simd = "auto";
   std::string prompt, prompt_file;
   int64_t n_predict = 128;
   float temperature = 0.8f;
@@ -79,6 +78,7 @@ int run(const RunOptions& o) {
   sp.cache_type_k = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);  // note at the end
   sp.cache_type_v = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
   o.kv.apply_to(sp);
+  sp.simd = o.simd;
   if (int64_t(prompt.size()) >= sp.n_ctx)
     throw Error(fmt::format("the prompt is {} tokens but the context holds {} (and needs room to generate): "
                             "raise -c/--ctx-size or shorten the prompt",
@@ -137,7 +137,8 @@ int run(const RunOptions& o) {
   const double prompt_tps = prompt_s > 0 ? double(prompt.size()) / prompt_s : 0;
   const double gen_tps = gen_s > 0 && !generated_ids.empty() ? double(generated_ids.size()) / gen_s : 0;
   // The attention kernel decode ran (it depends on the CPU, --simd and the value format).
-  const std::string kernel = attention_kernel_name(info.head_dim, &kv_format(kv.type_v));
+  const KernelInfo kernels = session.kernels();
+  const std::string& kernel = kernels.decode_attention;
 
   if (o.json) {
     nlohmann::json j = {
@@ -160,7 +161,7 @@ int run(const RunOptions& o) {
         {"n_ctx", kv.n_ctx},
         {"n_past", kv.n_tokens},
         {"threads", session.n_threads()},
-        {"simd", simd_level_name(simd_level())},
+        {"simd", kernels.simd},
         {"attention_kernel", kernel},
         {"temperature", std::stod(fmt::format("{}", o.temperature))},
         {"top_k", o.top_k},
@@ -210,7 +211,7 @@ Command register_run(CLI::App& app) {
       ->check(int_range(0, kMaxCtx))
       ->capture_default_str();
   add_threads_flag(*sub, o->threads);
-  add_simd_flag(*sub);
+  add_simd_flag(*sub, o->simd);
   add_ctx_flag(*sub, o->n_ctx, 16, fmt::format("context size in tokens (default: {} or the training context if smaller)", kDefaultRunCtx));
   add_batch_flag(*sub, o->n_batch);
   add_cache_type_flags(*sub, o->type_k, o->type_v);

@@ -1,7 +1,5 @@
 #include "common.h"
 
-#include "base/cpu.h"
-
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -46,24 +44,21 @@ void add_threads_flag(CLI::App& app, int& threads) {
       ->capture_default_str();
 }
 
-void add_simd_flag(CLI::App& app) {
-  app.add_option_function<std::string>(
-         "--simd",
-         [](const std::string& name) {
-           const SimdLevel best = detected_simd_level();
-           SimdLevel level = best;
-           if (name == "avx512") level = SimdLevel::avx512;
-           else if (name == "avx2") level = SimdLevel::avx2;
-           else if (name == "scalar") level = SimdLevel::scalar;
-           if (level > best)
-             throw UsageError(fmt::format("--simd {}: this CPU runs at most {}", name, simd_level_name(best)));
-           set_simd_level(level);
-         },
-         fmt::format("SIMD level of the kernels, at most what this CPU runs ({} here): to compare paths or to "
-                     "time what a CPU without AVX-512 runs",
-                     simd_level_name(detected_simd_level())))
+void add_simd_flag(CLI::App& app, std::string& simd) {
+  app.add_option("--simd", simd,
+                 fmt::format("SIMD level of the kernels, at most what this CPU runs ({} here): to compare paths or to "
+                             "time what a CPU without AVX-512 runs",
+                             cpu_simd_level()))
       ->type_name("LEVEL")
-      ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}));
+      ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
+      ->check([](const std::string& name) -> std::string {
+        const int rank = name == "avx512" ? 2 : name == "avx2" ? 1 : 0;
+        const std::string cpu = cpu_simd_level();
+        const int cpu_rank = cpu == "avx512" ? 2 : cpu == "avx2" ? 1 : 0;
+        if (name != "auto" && rank > cpu_rank) return fmt::format("this CPU runs at most {}", cpu);
+        return "";
+      })
+      ->capture_default_str();
 }
 
 void add_ctx_flag(CLI::App& app, int64_t& n_ctx, int64_t min_ctx, const std::string& help) {

@@ -32,7 +32,8 @@ int default_threads();  // every core the OS reports
 // Flags shared by the subcommands (same names and help everywhere).
 void add_model_flag(CLI::App& app, std::string& path);
 void add_threads_flag(CLI::App& app, int& threads);
-void add_simd_flag(CLI::App& app);  // --simd: caps the SIMD level every kernel dispatches on
+// --simd LEVEL (SessionParams::simd): caps the SIMD level of the session's kernels.
+void add_simd_flag(CLI::App& app, std::string& simd);
 void add_ctx_flag(CLI::App& app, int64_t& n_ctx, int64_t min_ctx, const std::string& help);
 void add_batch_flag(CLI::App& app, int& n_batch);
 void add_cache_type_flags(CLI::App& app, std::string& type_k, std::string& type_v);

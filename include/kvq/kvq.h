@@ -117,6 +117,7 @@ struct CalibrationParams {
   // the main one as kv_calibration_sibling_path(out_path, weighting).
   std::vector<std::string> also_weightings;
   uint64_t seed = 0;            // k-means initialisation
+  std::string simd = "auto";    // SIMD cap of the capture and backward passes (SessionParams::simd)
   std::string text_name;        // recorded in the sidecar (where the text came from)
   // Progress: (stage, done, total), e.g. ("capture", 3, 16) then ("fit", 20, 60).
   std::function<void(std::string_view stage, int64_t done, int64_t total)> progress;
@@ -165,7 +166,28 @@ struct SessionParams {
   std::string kv_calibration;  // sidecar for formats that need one; empty = the model's default path
   int kv_sink = -1;            // first tokens kept in full precision; -1 = format default (1 for KVQuant)
   int64_t kv_window = 0;       // most recent tokens kept in full precision (0 = off)
+  // The kernels this session runs, fixed when it is made (sessions in one
+  // process may differ). `simd` caps the instruction set of every kernel:
+  // "auto" (the best this CPU runs), "avx512", "avx2" or "scalar" (a level above
+  // the CPU's is an error). `attention_kernel` pins attention and its tile
+  // decoders, to compare paths: "auto" (by `simd` and the head size), "avx512",
+  // "avx2", "portable" (Google Highway, as a CPU without AVX2 runs it) or
+  // "scalar" (the references; every other kernel still as `simd` allows).
+  std::string simd = "auto";
+  std::string attention_kernel = "auto";
 };
+
+// What a session computes with (Session::kernels, kernel_info).
+struct KernelInfo {
+  std::string simd;              // the SIMD level every kernel is capped at
+  std::string prefill_attention; // the attention kernel of long batches, e.g. "avx512", "portable/AVX2"
+  std::string decode_attention;  // the one decode runs over the session's value format
+};
+// The SIMD level this CPU runs at most ("avx512", "avx2" or "scalar").
+std::string cpu_simd_level();
+// The kernels a session of `model` with these parameters would run (only the
+// kernel fields and cache_type_v are read); throws as the session would.
+KernelInfo kernel_info(const Model& model, const SessionParams& params);
 
 struct KvStats {
   std::string type_k, type_v;
@@ -220,6 +242,7 @@ class Session {
   int n_threads() const;
   void reset();  // forget the context (the cache keeps its allocation)
   KvStats kv_stats() const;
+  KernelInfo kernels() const;
   const Model& model() const;
 
   struct Impl;

@@ -1,6 +1,5 @@
 #include "base/cpu.h"
 
-#include <atomic>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
@@ -30,20 +29,11 @@ SimdLevel detect() {
 #endif
   return SimdLevel::scalar;
 }
-std::atomic<SimdLevel>& current() {
-  static std::atomic<SimdLevel> level{detect()};
-  return level;
-}
 }  // namespace
 
 SimdLevel detected_simd_level() {
   static const SimdLevel level = detect();
   return level;
-}
-SimdLevel simd_level() { return current().load(std::memory_order_relaxed); }
-void set_simd_level(SimdLevel level) {
-  if (level > detected_simd_level()) level = detected_simd_level();
-  current().store(level);
 }
 const char* simd_level_name(SimdLevel level) {
   switch (level) {

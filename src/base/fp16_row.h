@@ -1,5 +1,5 @@
-// Row conversions between IEEE half and float, dispatched once per call
-// (F16C where the CPU has it, else the bit-exact scalar conversion).
+// Row conversions between IEEE half and float: F16C where the CPU has it,
+// else the scalar conversion; both exact, so no SIMD cap applies.
 #pragma once
 #include <cstdint>
 

@@ -95,6 +95,24 @@ struct Q4_0 {
   }
 };
 
+// The decoder reads only the layout (the kernels' scalar fallback is this function).
+template <class B>
+void decode_blocks(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const int D = L.head_dim, nb = (D + kBlock - 1) / kBlock;
+  const uint8_t* base = page + int64_t(head) * kKvPageTokens * L.slot_bytes;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* blocks = base + int64_t(j) * L.slot_bytes;
+    for (int i = 0; i < nb; ++i) {
+      const int count = std::min(kBlock, D - i * kBlock);
+      const int d0 = i * kBlock;
+      if (L.role == KvRole::key)  // channel-major: dst[d * T + j]
+        B::dequantize(blocks + i * B::kBytes, count, dst + int64_t(d0) * kKvPageTokens + j, kKvPageTokens);
+      else  // token-major: dst[j * D + d]
+        B::dequantize(blocks + i * B::kBytes, count, dst + int64_t(j) * D + d0, 1);
+    }
+  }
+}
+
 template <class B>
 class BlockCodec final : public KvCodec {
  public:
@@ -131,19 +149,7 @@ class BlockCodec final : public KvCodec {
   }
 
   void decode(const uint8_t* page, int head, int n, float* dst) const override {
-    const int D = g_.head_dim;
-    const uint8_t* base = page + int64_t(head) * kKvPageTokens * slot_bytes_;
-    for (int j = 0; j < n; ++j) {
-      const uint8_t* blocks = base + int64_t(j) * slot_bytes_;
-      for (int i = 0; i < nb_; ++i) {
-        const int count = std::min(kBlock, D - i * kBlock);
-        const int d0 = i * kBlock;
-        if (role_ == KvRole::key)  // channel-major: dst[d * T + j]
-          B::dequantize(blocks + i * B::kBytes, count, dst + int64_t(d0) * kKvPageTokens + j, kKvPageTokens);
-        else  // token-major: dst[j * D + d]
-          B::dequantize(blocks + i * B::kBytes, count, dst + int64_t(j) * D + d0, 1);
-      }
-    }
+    kv_block_decode(layout_, page, head, n, dst);
   }
 
  private:
@@ -154,6 +160,12 @@ class BlockCodec final : public KvCodec {
 };
 
 }  // namespace
+
+void kv_block_decode(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst) {
+  KVQ_ASSERT(layout.scheme == KvScheme::q8_0 || layout.scheme == KvScheme::q4_0);
+  if (layout.scheme == KvScheme::q8_0) decode_blocks<Q8_0>(layout, page, head, n, dst);
+  else decode_blocks<Q4_0>(layout, page, head, n, dst);
+}
 
 std::unique_ptr<KvCodec> make_block_kv_codec(const KvFormat& f, KvRole role, const KvGeometry& g) {
   switch (f.scheme) {

@@ -95,6 +95,78 @@ std::vector<float> uniform_levels(int bits) {
   return l;
 }
 
+// The decoder reads only the layout (KvCodecLayout), so the kernels' scalar
+// fallback and the codec are one function.
+
+// Channel-major tile dst[d * T + j].
+void decode_keys(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const int D = L.head_dim, nlev = 1 << L.bits;
+  const float* lv = L.levels;
+  float zps[kKvPageTokens], rs[kKvPageTokens];
+  if (!L.per_channel)
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
+      zps[j] = fp16_to_f32(load_u16(sc));
+      rs[j] = fp16_to_f32(load_u16(sc + 2));
+    }
+  uint8_t codes[kKvPageTokens];
+  float table[kKvPageTokens];
+  for (int d = 0; d < D; ++d) {
+    const int c = head * D + d;
+    kv_unpack(page + int64_t(c) * L.run_bytes, kKvPageTokens, L.bits, codes);
+    float* out = dst + int64_t(d) * kKvPageTokens;
+    if (!L.per_channel) {
+      for (int j = 0; j < n; ++j) out[j] = zps[j] + rs[j] * lv[codes[j]];
+    } else if (nlev <= kKvPageTokens) {
+      // The channel's levels scaled once (2^b <= 64 entries), then a lookup per slot.
+      const float zp = L.zp[size_t(c)], r = L.range[size_t(c)];
+      for (int l = 0; l < nlev; ++l) table[l] = zp + r * lv[l];
+      for (int j = 0; j < n; ++j) out[j] = table[codes[j]];
+    } else {
+      const float zp = L.zp[size_t(c)], r = L.range[size_t(c)];
+      for (int j = 0; j < n; ++j) out[j] = zp + r * lv[codes[j]];
+    }
+  }
+}
+
+// Token-major tile dst[j * D + d].
+void decode_values(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const int D = L.head_dim;
+  const float* lv = L.levels;
+  uint8_t codes[kChunk];
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* sc = page + L.codes_bytes + int64_t(j) * 4;
+    const float zp = fp16_to_f32(load_u16(sc)), r = fp16_to_f32(load_u16(sc + 2));
+    const uint8_t* run = page + (int64_t(head) * kKvPageTokens + j) * L.run_bytes;
+    float* out = dst + int64_t(j) * D;
+    for (int d0 = 0; d0 < D; d0 += kChunk) {
+      const int m = std::min(kChunk, D - d0);
+      kv_unpack(run + int64_t(d0) / 8 * L.bits, m, L.bits, codes);
+      for (int d = 0; d < m; ++d) out[d0 + d] = zp + r * lv[codes[d]];
+    }
+  }
+}
+
+// Adds each stored residual whose index falls in `head` to its element.
+void add_outliers(const KvCodecLayout& L, const uint8_t* page, int head, int n, float* dst) {
+  const int k = L.outliers_per_tail;
+  if (k == 0) return;
+  const int D = L.head_dim;
+  const int first = head * D;
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* res = page + L.res_off + int64_t(j) * 2 * k * 2;
+    const uint8_t* idx = page + L.idx_off + int64_t(j) * 2 * k * L.idx_bytes;
+    for (int s = 0; s < 2 * k; ++s) {
+      const int index = L.idx_bytes == 1 ? idx[s] : load_u16(idx + 2 * s);
+      const int d = index - first;
+      if (d < 0 || d >= D) continue;
+      const float r = fp16_to_f32(load_u16(res + 2 * s));
+      if (L.role == KvRole::key) dst[int64_t(d) * kKvPageTokens + j] += r;
+      else dst[int64_t(j) * D + d] += r;
+    }
+  }
+}
+
 class QuantCodec final : public KvCodec {
  public:
   QuantCodec(const KvFormat& f, KvRole role, const KvGeometry& g, const KvTensorCalibration* cal, bool accounting)
@@ -229,9 +301,7 @@ class QuantCodec final : public KvCodec {
 
   void decode(const uint8_t* page, int head, int n, float* dst) const override {
     check_ready();
-    if (role_ == KvRole::key) decode_keys(page, head, n, dst);
-    else decode_values(page, head, n, dst);
-    add_outliers(page, head, n, dst);
+    kv_quant_decode(layout_, page, head, n, dst);
   }
 
  private:
@@ -381,74 +451,6 @@ class QuantCodec final : public KvCodec {
     store_outliers(page, slot, high, low, row, xhat.data());
   }
 
-  // Channel-major tile dst[d * T + j].
-  void decode_keys(const uint8_t* page, int head, int n, float* dst) const {
-    const int D = g_.head_dim;
-    const float* L = levels_.data();
-    float zps[kKvPageTokens], rs[kKvPageTokens];
-    if (!per_channel_)
-      for (int j = 0; j < n; ++j) {
-        const uint8_t* sc = page + codes_bytes_ + int64_t(j) * 4;
-        zps[j] = fp16_to_f32(load_u16(sc));
-        rs[j] = fp16_to_f32(load_u16(sc + 2));
-      }
-    uint8_t codes[kKvPageTokens];
-    float table[kKvPageTokens];
-    for (int d = 0; d < D; ++d) {
-      const int c = head * D + d;
-      kv_unpack(page + int64_t(c) * run_bytes_, kKvPageTokens, bits_, codes);
-      float* out = dst + int64_t(d) * kKvPageTokens;
-      if (!per_channel_) {
-        for (int j = 0; j < n; ++j) out[j] = dequant(zps[j], rs[j], codes[j]);
-      } else if (nlev_ <= kKvPageTokens) {
-        // The channel's levels scaled once (2^b <= 64 entries), then a lookup per slot.
-        const float zp = zp_[size_t(c)], r = r_[size_t(c)];
-        for (int l = 0; l < nlev_; ++l) table[l] = zp + r * L[l];
-        for (int j = 0; j < n; ++j) out[j] = table[codes[j]];
-      } else {
-        const float zp = zp_[size_t(c)], r = r_[size_t(c)];
-        for (int j = 0; j < n; ++j) out[j] = zp + r * L[codes[j]];
-      }
-    }
-  }
-
-  // Token-major tile dst[j * D + d].
-  void decode_values(const uint8_t* page, int head, int n, float* dst) const {
-    const int D = g_.head_dim;
-    const float* L = levels_.data();
-    uint8_t codes[kChunk];
-    for (int j = 0; j < n; ++j) {
-      const uint8_t* sc = page + codes_bytes_ + int64_t(j) * 4;
-      const float zp = fp16_to_f32(load_u16(sc)), r = fp16_to_f32(load_u16(sc + 2));
-      const uint8_t* run = page + (int64_t(head) * kKvPageTokens + j) * run_bytes_;
-      float* out = dst + int64_t(j) * D;
-      for (int d0 = 0; d0 < D; d0 += kChunk) {
-        const int m = std::min(kChunk, D - d0);
-        kv_unpack(run + int64_t(d0) / 8 * bits_, m, bits_, codes);
-        for (int d = 0; d < m; ++d) out[d0 + d] = zp + r * L[codes[d]];
-      }
-    }
-  }
-
-  // Adds each stored residual whose index falls in `head` to its element.
-  void add_outliers(const uint8_t* page, int head, int n, float* dst) const {
-    if (k_ == 0) return;
-    const int D = g_.head_dim;
-    const int first = head * D;
-    for (int j = 0; j < n; ++j) {
-      const uint8_t* res = page + res_off_ + int64_t(j) * 2 * k_ * 2;
-      const uint8_t* idx = page + idx_off_ + int64_t(j) * 2 * k_ * idx_bytes_;
-      for (int s = 0; s < 2 * k_; ++s) {
-        const int index = idx_bytes_ == 1 ? idx[s] : load_u16(idx + 2 * s);
-        const int d = index - first;
-        if (d < 0 || d >= D) continue;
-        const float r = fp16_to_f32(load_u16(res + 2 * s));
-        if (role_ == KvRole::key) dst[int64_t(d) * kKvPageTokens + j] += r;
-        else dst[int64_t(j) * D + d] += r;
-      }
-    }
-  }
-
   std::string name_;
   KvRole role_;
   KvGeometry g_;
@@ -471,6 +473,12 @@ class QuantCodec final : public KvCodec {
 };
 
 }  // namespace
+
+void kv_quant_decode(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst) {
+  if (layout.role == KvRole::key) decode_keys(layout, page, head, n, dst);
+  else decode_values(layout, page, head, n, dst);
+  add_outliers(layout, page, head, n, dst);
+}
 
 std::unique_ptr<KvCodec> make_quant_kv_codec(const KvFormat& f, KvRole role, const KvGeometry& g,
                                              const KvTensorCalibration* calibration, bool for_accounting) {

@@ -41,15 +41,7 @@ class PlainCodec final : public KvCodec {
   }
 
   void decode(const uint8_t* page, int head, int n, float* dst) const override {
-    // Both layouts are one contiguous block per head; decode it whole (the
-    // slots past n are zero-initialised page memory, harmless to convert).
-    const int64_t count = int64_t(g_.head_dim) * kKvPageTokens;
-    const T* block = reinterpret_cast<const T*>(page) + int64_t(head) * count;
-    if constexpr (sizeof(T) == 4) {
-      std::memcpy(dst, block, size_t(count) * 4);
-    } else {
-      fp16_to_f32_row(block, dst, count);
-    }
+    kv_decode_ref(layout_, page, head, n, dst);
   }
 
  private:
@@ -108,6 +100,25 @@ std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& f, KvRole role, const KvG
     case KvScheme::quant: return make_quant_kv_codec(f, role, g, calibration, for_accounting);
   }
   fail("KV cache type '{}' is not implemented", f.name);
+}
+
+void kv_decode_ref(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst) {
+  switch (layout.scheme) {
+    case KvScheme::f32:
+    case KvScheme::f16: {
+      // Both plain layouts are one contiguous block per head; decode it whole
+      // (the slots past n are zero-initialised page memory, harmless to convert).
+      const int64_t count = int64_t(layout.head_dim) * kKvPageTokens;
+      if (layout.scheme == KvScheme::f32)
+        std::memcpy(dst, reinterpret_cast<const float*>(page) + int64_t(head) * count, size_t(count) * 4);
+      else
+        fp16_to_f32_row(reinterpret_cast<const uint16_t*>(page) + int64_t(head) * count, dst, count);
+      return;
+    }
+    case KvScheme::q8_0:
+    case KvScheme::q4_0: return kv_block_decode(layout, page, head, n, dst);
+    case KvScheme::quant: return kv_quant_decode(layout, page, head, n, dst);
+  }
 }
 
 int kv_outliers_per_tail(float fraction, int width) {

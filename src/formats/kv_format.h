@@ -148,6 +148,11 @@ class KvCodec {
   KvCodecLayout layout_;
 };
 
+// The reference decode of any codec from its layout alone (what KvCodec::decode
+// does): the scalar oracle of the fast tile decoders and their fallback, so a
+// kernel needs the layout, never the codec object.
+void kv_decode_ref(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
+
 std::span<const KvFormat> kv_format_table();
 const KvFormat* find_kv_format(std::string_view name);  // nullptr if unknown
 const KvFormat& kv_format(std::string_view name);      // throws listing valid names

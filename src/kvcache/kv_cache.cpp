@@ -6,22 +6,9 @@
 #include "base/error.h"
 #include "base/fp16.h"
 #include "base/fp16_row.h"
-#include "kernels/cpu/kv_decode.h"
+#include "kernels/cpu/kv_tile.h"
 
 namespace kvq {
-
-namespace {
-
-// Slot j's cos and sin (half each) into one page of a page-transposed angle
-// table (KvLayerView::rope_rel_cs's layout).
-void put_slot_angles(float* page, size_t j, const float* c, const float* s, size_t half) {
-  for (size_t k = 0; k < half; ++k) {
-    page[k * kKvPageTokens + j] = c[k];
-    page[(half + k) * kKvPageTokens + j] = s[k];
-  }
-}
-
-}  // namespace
 
 KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   if (!config.k_format || !config.v_format) fail("KV cache: no format given");
@@ -64,7 +51,7 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   std::vector<float> c(static_cast<size_t>(half)), s(c.size());
   for (int j = 0; j < kKvPageTokens; ++j) {
     rope_.angles(j, c.data(), s.data());
-    put_slot_angles(rope_rel_cs_.data(), size_t(j), c.data(), s.data(), size_t(half));
+    kv_put_slot_angles(rope_rel_cs_.data(), j, c.data(), s.data(), half);
   }
 }
 
@@ -189,14 +176,15 @@ void KvCache::abort_batch() {
 KvLayerView KvCache::view(int layer_index) const {
   const Layer& layer = layers_[layer_index];
   KvLayerView v;
-  v.k_codec = layer.k_codec.get();
-  v.v_codec = layer.v_codec.get();
+  v.k = layer.k_codec->layout();
+  v.v = layer.v_codec->layout();
   v.keys_pre_rope = config_.k_format->keys_pre_rope;
   v.n_kv_heads = config_.n_kv_heads;
   v.head_dim = config_.head_dim;
   v.n_tokens = layer.stored;
   v.pages = layer.pages.data();
   v.v_offset = k_page_bytes_;
+  v.page_bytes = k_page_bytes_ + v_page_bytes_;
   v.positions = positions_.data();
   v.rope = &rope_;
   v.rope_rel_cs = rope_rel_cs_.data();
@@ -277,131 +265,6 @@ KvMemory KvCache::memory() const {
   }
   m.positions = angle_table_bytes(config_, int64_t(positions_.size()));
   return m;
-}
-
-}  // namespace kvq
-
-namespace kvq {
-
-int KvLayerView::page_tokens(int64_t p) const {
-  return int(std::min<int64_t>(kKvPageTokens, n_tokens - p * kKvPageTokens));
-}
-
-int64_t KvLayerView::window_from(int32_t pos) const {
-  if (window_tokens == 0) return kKvNoWindow;
-  // Positions increase: the first slot whose position is > pos - window_tokens.
-  const int64_t threshold = int64_t(pos) - window_tokens;
-  const int32_t* first = std::upper_bound(positions, positions + n_tokens, threshold,
-                                          [](int64_t t, int32_t p) { return t < int64_t(p); });
-  return std::max<int64_t>(first - positions, window_first);
-}
-
-namespace {
-
-// Overwrites slots of a decoded tile with binary16 side-store rows. `rows(slot)`
-// gives the row of a slot; keys go channel-major, values token-major.
-template <class RowOf>
-void patch_tile(float* tile, bool channel_major, int head, int head_dim, int64_t s0, int64_t s1, int64_t page_first,
-                RowOf rows) {
-  for (int64_t s = s0; s < s1; ++s) {
-    const uint16_t* src = rows(s) + int64_t(head) * head_dim;
-    const int64_t j = s - page_first;
-    for (int d = 0; d < head_dim; ++d) {
-      const float x = fp16_to_f32(src[d]);
-      if (channel_major) tile[int64_t(d) * kKvPageTokens + j] = x;
-      else tile[j * head_dim + d] = x;
-    }
-  }
-}
-
-}  // namespace
-
-// Sink slots, then window slots >= fp_from, of page p.
-static void patch_full_precision(const KvLayerView& kv, int64_t p, int head, float* tile, bool keys, int64_t fp_from) {
-  const int64_t first = p * kKvPageTokens, end = first + kv.page_tokens(p);
-  const int64_t row = int64_t(kv.n_kv_heads) * kv.head_dim;
-  if (first < kv.sink_tokens) {
-    const uint16_t* base = keys ? kv.sink_k : kv.sink_v;
-    patch_tile(tile, keys, head, kv.head_dim, first, std::min<int64_t>(end, kv.sink_tokens), first,
-               [&](int64_t s) { return base + s * row; });
-  }
-  if (fp_from != kKvNoWindow && fp_from < end) {
-    KVQ_ASSERT(fp_from >= kv.window_first);
-    const uint16_t* base = keys ? kv.window_k : kv.window_v;
-    patch_tile(tile, keys, head, kv.head_dim, std::max(first, fp_from), end, first,
-               [&](int64_t s) { return base + (s % kv.window_capacity) * row; });
-  }
-}
-
-void KvLayerView::page_angles(int64_t p, float* cs) const {
-  const int half = rope->spec().n_rot / 2;
-  constexpr int T = kKvPageTokens;
-  if (page_consecutive(p)) {
-    const float* back = rope_page_back + p * 2 * half;  // cos, -sin of the first position
-    for (int k = 0; k < half; ++k) {
-      const float c0 = back[k], s0 = -back[half + k];
-      const float *rc = rope_rel_cs + k * T, *rs = rope_rel_cs + (half + k) * T;
-      float *oc = cs + k * T, *os = cs + (half + k) * T;
-      for (int j = 0; j < T; ++j) {
-        oc[j] = c0 * rc[j] - s0 * rs[j];
-        os[j] = s0 * rc[j] + c0 * rs[j];
-      }
-    }
-    return;
-  }
-  const int n = page_tokens(p);
-  std::vector<float> c(static_cast<size_t>(half)), s(c.size());
-  std::fill_n(cs, size_t(2 * half) * T, 0.0f);
-  for (int j = 0; j < n; ++j) {
-    rope->angles(positions[p * T + j], c.data(), s.data());
-    put_slot_angles(cs, size_t(j), c.data(), s.data(), size_t(half));
-  }
-}
-
-// The angles that rotate page p's pre-RoPE keys: the offsets' table when the
-// caller turned its queries back by the page's first angle, else the page's
-// absolute angles composed into a per-thread buffer.
-static const float* key_angles(const KvLayerView& kv, int64_t p, bool page_relative) {
-  KVQ_ASSERT(!page_relative || (kv.keys_pre_rope && kv.page_consecutive(p)));
-  if (page_relative) return kv.rope_rel_cs;
-  thread_local std::vector<float> absolute;
-  absolute.resize(size_t(kv.rope->spec().n_rot) * kKvPageTokens);
-  kv.page_angles(p, absolute.data());
-  return absolute.data();
-}
-
-bool KvLayerView::score_keys(int64_t p, int head, const float* q, int rows, float* s, int64_t fp_from,
-                             bool page_relative) const {
-  if (!keys_pre_rope || !all_quantized(p, fp_from)) return false;
-  const RopeSpec& spec = rope->spec();
-  return kv_score_rotated_keys(*k_codec, pages[p], head, page_tokens(p), key_angles(*this, p, page_relative),
-                               spec.n_rot / 2, spec.neox, q, rows, s);
-}
-
-void KvLayerView::decode_keys(int64_t p, int head, float* kt, int64_t fp_from, bool page_relative) const {
-  const int n = page_tokens(p);
-  const RopeSpec& spec = rope->spec();
-  const int half = spec.n_rot / 2;
-  KVQ_ASSERT(!page_relative || (keys_pre_rope && page_consecutive(p)));
-  const float* cs = nullptr;
-  if (keys_pre_rope) {
-    cs = key_angles(*this, p, page_relative);
-    if (all_quantized(p, fp_from)) {
-      // No full-precision slot in this page: decode and rotate in one pass
-      // where the format has a fused kernel.
-      if (kv_decode_rotate_keys(*k_codec, pages[p], head, n, kt, cs, half, spec.neox)) return;
-    }
-  }
-  kv_decode_tile(*k_codec, pages[p], head, n, kt);
-  patch_full_precision(*this, p, head, kt, true, fp_from);
-  if (!keys_pre_rope) return;
-  // Rotate each decoded key at its own position (the tile is channel-major).
-  kv_rotate_key_tile(kt, n, cs, half, spec.neox);
-}
-
-void KvLayerView::decode_values(int64_t p, int head, float* v, int64_t fp_from) const {
-  kv_decode_tile(*v_codec, pages[p] + v_offset, head, page_tokens(p), v);
-  patch_full_precision(*this, p, head, v, false, fp_from);
 }
 
 }  // namespace kvq

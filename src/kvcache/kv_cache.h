@@ -7,12 +7,12 @@
 #pragma once
 #include <cstdint>
 #include <functional>
-#include <climits>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "formats/kv_format.h"
+#include "kernels/cpu/kv_view.h"
 #include "kernels/cpu/rope.h"
 
 namespace kvq {
@@ -31,83 +31,6 @@ struct KvCacheConfig {
                                    // every key/value at a position > P - window_tokens
   // Per-layer calibration for formats that need it (empty otherwise).
   std::vector<KvTensorCalibration> k_calibration, v_calibration;
-};
-
-// No slot of a page is read from the recent-window store.
-constexpr int64_t kKvNoWindow = INT64_MAX;
-
-// A plain description of one layer's cache for the attention kernels.
-struct KvLayerView {
-  const KvCodec* k_codec;
-  const KvCodec* v_codec;
-  bool keys_pre_rope;               // rotate keys at their positions after decoding
-  int n_kv_heads;
-  int head_dim;
-  int64_t n_tokens;                 // readable slots (committed + current batch)
-  const uint8_t* const* pages;      // pages[p]: the key part, then the value part
-  uint64_t v_offset;                // where values start within a page
-  const int32_t* positions;         // position of each slot (increasing)
-  const Rope* rope;
-  // RoPE angles of pre-RoPE keys (post-RoPE formats rotated them on the way
-  // in). No per-token table is kept: slot j of a page whose positions run p0,
-  // p0+1, ... sits at angle (p0 + j) w, so q . R(p0 + j) k = (R(-p0) q) . (R(j) k).
-  // rope_rel_cs: the angles of the offsets 0..63, page-transposed (n_rot/2 rows
-  // of 64 cosines, then n_rot/2 rows of 64 sines), shared by every page: a
-  // caller that turns its queries back by the page's first position rotates
-  // every page's keys with it, and it stays in cache.
-  // rope_page_back[p * n_rot + i]: cos of pair i at page p's first position,
-  // then its -sin n_rot/2 further (Rope::rotate with them turns a vector back).
-  // Absolute angles of a page are composed from the two (page_angles).
-  const float* rope_rel_cs;
-  const float* rope_page_back;
-  // Full-precision side stores, binary16 rows [slot][n_kv_heads * head_dim]; keys
-  // in the format's domain (unrotated for pre-RoPE formats).
-  int sink_tokens;                  // slots [0, sink_tokens) come from sink_k / sink_v
-  const uint16_t* sink_k;
-  const uint16_t* sink_v;
-  int64_t window_tokens;            // 0: no recent window
-  int64_t window_first;             // oldest slot the window ring holds
-  int64_t window_capacity;          // ring rows; slot s lives in row s % window_capacity
-  const uint16_t* window_k;
-  const uint16_t* window_v;
-
-  int page_tokens(int64_t p) const;
-  // First slot read in full precision (through the window) by a query at
-  // position `pos`; kKvNoWindow when there is no window.
-  int64_t window_from(int32_t pos) const;
-  // Decoded tiles of page p for one head (see KvCodec::decode for the layouts):
-  // codes decoded, sink slots and window slots >= fp_from patched from the side
-  // stores, then (keys of a pre-RoPE format) rotated at each slot's position,
-  // or with page_relative (only where page_consecutive(p)) at its offset in
-  // the page alone (see rope_rel_cs).
-  void decode_keys(int64_t p, int head, float* kt, int64_t fp_from = kKvNoWindow, bool page_relative = false) const;
-  void decode_values(int64_t p, int head, float* v, int64_t fp_from = kKvNoWindow) const;
-  // The scores s[r * 64 + j] = q_r . k_j of `rows` query rows (q[r * head_dim
-  // + d]) against page p's keys of one head, as decode_keys would give them,
-  // computed where the keys are decoded (kv_score_rotated_keys). False, with
-  // nothing written, where that has no path: keys not pre-RoPE, a slot in full
-  // precision, a layout or decoder without it.
-  bool score_keys(int64_t p, int head, const float* q, int rows, float* s, int64_t fp_from = kKvNoWindow,
-                  bool page_relative = false) const;
-  // Page p's absolute angles in rope_rel_cs's layout, written to `cs` (n_rot x
-  // 64 floats): composed from the page's first angle and the offsets' angles
-  // where its positions run consecutively (cos(a+b) = cos a cos b - sin a sin b,
-  // within a few float roundings of computing them at each position), computed
-  // at each slot's position where they jump (then slots past the page's
-  // tokens hold zeros).
-  void page_angles(int64_t p, float* cs) const;
-  // Page p's positions run consecutively (positions increase, so the span
-  // decides): its keys can be rotated relative to the page (rope_rel_cs).
-  bool page_consecutive(int64_t p) const {
-    const int64_t first = p * kKvPageTokens, n = page_tokens(p);
-    return int64_t(positions[first + n - 1]) - positions[first] == n - 1;
-  }
-  // No slot of page p is served from the sink or (from fp_from on) the window
-  // store: every one is read from the page's codes.
-  bool all_quantized(int64_t p, int64_t fp_from = kKvNoWindow) const {
-    const int64_t first = p * kKvPageTokens;
-    return first >= sink_tokens && (fp_from == kKvNoWindow || fp_from >= first + page_tokens(p));
-  }
 };
 
 // Bytes a cache holds, by what they hold (all layers, keys and values).

@@ -173,9 +173,10 @@ LlamaModel::LlamaModel(const gguf::File& f) {
 }
 
 void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_t n, int64_t first_logit,
-                         KvCache& cache, LlamaScratch& s, ThreadPool& pool,
+                         KvCache& cache, LlamaScratch& s, ThreadPool& pool, const KernelSet& kernels,
                          FunctionRef<void(int64_t, const float*)> on_logits) const {
   const LlamaHparams& hp = hp_;
+  const SimdLevel simd = kernels.simd;
   const int d = hp.n_embd;
   s.reserve(hp, n, n - first_logit);
   float* x = s.x.data();
@@ -184,7 +185,7 @@ void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_
   pool.parallel_for(n, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const auto* row = static_cast<const uint8_t*>(w_.token_embd.data) + uint64_t(tokens[i]) * w_.token_embd.row_bytes;
-      dequantize_row(w_.token_embd.type, row, x + i * d, d);
+      dequantize_row(w_.token_embd.type, row, x + i * d, d, simd);
     }
   });
 
@@ -199,21 +200,21 @@ void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_
     // Attention block.
     rmsnorm(x, L.attn_norm.data(), s.xn.data(), n, d, hp.rms_eps);
     const MatmulOutput qkv[3] = {{&L.wq, s.q.data()}, {&L.wk, s.k.data()}, {&L.wv, s.v.data()}};
-    matmul_shared_input(qkv, 3, s.xn.data(), n, pool);
+    matmul_shared_input(qkv, 3, s.xn.data(), n, pool, simd);
     for (int64_t i = 0; i < n; ++i)
       for (int h = 0; h < hp.n_head; ++h)
         rope_.rotate(s.q.data() + (i * hp.n_head + h) * hp.head_dim, &cos_t[size_t(i) * half], &sin_t[size_t(i) * half]);
     cache.store(li, s.k.data(), s.v.data());  // keys pre-RoPE; the cache rotates if its format wants
-    AttentionArgs args{s.q.data(), n, hp.n_head, positions, attn_scale, cache.view(li), s.attn.data()};
+    const AttentionArgs args{s.q.data(), n, hp.n_head, positions, attn_scale, cache.view(li), s.attn.data(), kernels};
     attention(args, pool);
-    matmul(L.wo, s.attn.data(), s.xn.data(), n, pool);
+    matmul(L.wo, s.attn.data(), s.xn.data(), n, pool, simd);
     add_inplace(x, s.xn.data(), n * d);
     // Feed-forward block (SwiGLU).
     rmsnorm(x, L.ffn_norm.data(), s.xn.data(), n, d, hp.rms_eps);
     const MatmulOutput gate_up[2] = {{&L.w_gate, s.ff_gate.data()}, {&L.w_up, s.ff_up.data()}};
-    matmul_shared_input(gate_up, 2, s.xn.data(), n, pool);
+    matmul_shared_input(gate_up, 2, s.xn.data(), n, pool, simd);
     silu_mul(s.ff_gate.data(), s.ff_up.data(), n * hp.n_ff);
-    matmul(L.w_down, s.ff_gate.data(), s.xn.data(), n, pool);
+    matmul(L.w_down, s.ff_gate.data(), s.xn.data(), n, pool, simd);
     add_inplace(x, s.xn.data(), n * d);
     if (int64_t bad = find_non_finite(x, n * d); bad >= 0)
       fail("non-finite activation (NaN or Inf) after layer {} at token {} of the batch", li, bad / d);
@@ -223,7 +224,7 @@ void LlamaModel::forward(const int32_t* tokens, const int32_t* positions, int64_
   for (int64_t c0 = first_logit; c0 < n; c0 += kLogitsChunk) {
     const int64_t rows = std::min<int64_t>(kLogitsChunk, n - c0);
     rmsnorm(x + c0 * d, w_.output_norm.data(), s.xn.data(), rows, d, hp.rms_eps);
-    matmul(w_.output, s.xn.data(), s.logits.data(), rows, pool);
+    matmul(w_.output, s.xn.data(), s.logits.data(), rows, pool, simd);
     for (int64_t r = 0; r < rows; ++r) {
       const float* lg = s.logits.data() + r * hp.n_vocab;
       if (find_non_finite(lg, hp.n_vocab) >= 0) fail("non-finite logits at token {} of the batch", c0 + r);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "base/threads.h"
+#include "kernels/cpu/kernel_set.h"
 #include "kernels/cpu/rope.h"
 #include "quant/quant.h"
 
@@ -56,10 +57,11 @@ class LlamaModel {
   const LlamaWeights& weights() const { return w_; }
 
   // Runs tokens[0..n) at positions[0..n) (already begun as a batch in `cache`)
-  // and calls on_logits(i, logits) for every i >= first_logit, in order.
-  // Throws on non-finite activations, naming the layer.
+  // and calls on_logits(i, logits) for every i >= first_logit, in order, with
+  // the kernels of `kernels` (resolved). Throws on non-finite activations,
+  // naming the layer.
   void forward(const int32_t* tokens, const int32_t* positions, int64_t n, int64_t first_logit,
-               KvCache& cache, LlamaScratch& scratch, ThreadPool& pool,
+               KvCache& cache, LlamaScratch& scratch, ThreadPool& pool, const KernelSet& kernels,
                FunctionRef<void(int64_t, const float*)> on_logits) const;
 
  private:

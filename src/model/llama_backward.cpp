@@ -29,7 +29,7 @@ constexpr int64_t kHeadChunk = 256;  // output-head tokens at once (logits: 256 
 constexpr int64_t kWeightChunk = 32; // weight rows dequantized at once in linear_bwd
 constexpr int64_t kAttnBlock = 64;   // query rows per attention forward task
 
-[[maybe_unused]] bool use_avx2() { return simd_level() >= SimdLevel::avx2; }
+[[maybe_unused]] bool use_avx2(SimdLevel simd) { return simd >= SimdLevel::avx2; }
 
 template <class T>
 bool all_finite(const T* x, int64_t n) {
@@ -153,7 +153,7 @@ void transpose_head(const AttnShape& s, const T* x, int g, std::vector<T>& out) 
 }  // namespace
 
 template <class T>
-void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o, T* lse, ThreadPool& pool) {
+void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o, T* lse, ThreadPool& pool, SimdLevel simd) {
   const int hd = s.head_dim, group = s.n_head / s.n_head_kv;
   std::vector<std::vector<T>> kt(size_t(s.n_head_kv));
   for (int g = 0; g < s.n_head_kv; ++g) transpose_head(s, k, g, kt[size_t(g)]);
@@ -164,7 +164,7 @@ void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o,
     std::vector<T> sc(static_cast<size_t>(bwd::kRowBlock) * size_t(s.n)), qs(size_t(bwd::kRowBlock) * size_t(hd));
     if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__)
-      if (use_avx2())
+      if (use_avx2(simd))
         return bwd_avx2::attn_fwd_rows(s, q, kt[size_t(g)].data(), v, o, lse, h, i0, i1, sc.data(), qs.data());
 #endif
     }
@@ -177,7 +177,7 @@ void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o,
 // dv_j += p_j dO_i.
 template <class T>
 void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const T* o, const T* lse, const T* d_o,
-                   T* dq, T* dk, T* dv, ThreadPool& pool) {
+                   T* dq, T* dk, T* dv, ThreadPool& pool, SimdLevel simd) {
   const int hd = s.head_dim, group = s.n_head / s.n_head_kv;
   const int64_t kv_stride = int64_t(s.n_head_kv) * hd;
   std::vector<std::vector<T>> kt(size_t(s.n_head_kv)), vt(size_t(s.n_head_kv));
@@ -197,7 +197,7 @@ void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const
     std::vector<T> P(big), dP(big), qs(small), dos(small);
     if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__)
-      if (use_avx2())
+      if (use_avx2(simd))
         return bwd_avx2::attn_bwd_head(s, q, k, kt[size_t(g)].data(), vt[size_t(g)].data(), o, lse, d_o, dq, dkl.data(),
                                        dvl.data(), h, P.data(), dP.data(), qs.data(), dos.data());
 #endif
@@ -218,16 +218,16 @@ void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const
 }
 
 template <>
-void linear_fwd<float>(const WeightView& w, const float* x, float* y, int64_t n, ThreadPool& pool) {
-  matmul(w, x, y, n, pool);
+void linear_fwd<float>(const WeightView& w, const float* x, float* y, int64_t n, ThreadPool& pool, SimdLevel simd) {
+  matmul(w, x, y, n, pool, simd);
 }
 
 template <>
-void linear_fwd<double>(const WeightView& w, const double* x, double* y, int64_t n, ThreadPool& pool) {
+void linear_fwd<double>(const WeightView& w, const double* x, double* y, int64_t n, ThreadPool& pool, SimdLevel simd) {
   pool.parallel_for(w.rows, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(w.cols));
     for (int64_t r = r0; r < r1; ++r) {
-      dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + uint64_t(r) * w.row_bytes, row.data(), w.cols);
+      dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + uint64_t(r) * w.row_bytes, row.data(), w.cols, simd);
       for (int64_t t = 0; t < n; ++t) {
         double acc = 0;
         const double* xt = x + t * w.cols;
@@ -243,7 +243,7 @@ void linear_fwd<double>(const WeightView& w, const double* x, double* y, int64_t
 // kernel (llama_backward_kernels.h, FMA version in llama_backward_avx2.cpp) lets
 // four tokens share each loaded weight row.
 template <class T>
-void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumulate, ThreadPool& pool) {
+void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumulate, ThreadPool& pool, SimdLevel simd) {
   const int64_t cols = w.cols, rows = w.rows;
   if (!accumulate) std::fill(dx, dx + n * cols, T(0));
   pool.parallel_for(n, [&](int64_t t0, int64_t t1) {
@@ -252,10 +252,10 @@ void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumul
       const int64_t nr = std::min(kWeightChunk, rows - r0);
       for (int64_t r = 0; r < nr; ++r)
         dequantize_row(w.type, static_cast<const uint8_t*>(w.data) + uint64_t(r0 + r) * w.row_bytes,
-                       chunk.data() + r * cols, cols);
+                       chunk.data() + r * cols, cols, simd);
       if constexpr (std::is_same_v<T, float>) {
 #if defined(__x86_64__)
-        if (use_avx2()) {
+        if (use_avx2(simd)) {
           bwd_avx2::linear_bwd_block(chunk.data(), nr, cols, dy, rows, r0, dx, t0, t1);
           continue;
         }
@@ -284,8 +284,10 @@ struct Window {
   RopeAngles<T> angles;
   AttnShape shape;
   ThreadPool& pool;
+  SimdLevel simd;
 
-  Window(const LlamaModel& m, int64_t n_tokens, ThreadPool& p) : model(m), hp(m.hparams()), n(n_tokens), pool(p) {
+  Window(const LlamaModel& m, int64_t n_tokens, ThreadPool& p, SimdLevel level)
+      : model(m), hp(m.hparams()), n(n_tokens), pool(p), simd(level) {
     std::vector<int32_t> pos(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(i);
     angles = rope_angles<T>(hp.rope, pos.data(), n);
@@ -298,7 +300,7 @@ struct Window {
     for (int64_t i = 0; i < n; ++i) {
       if (tokens[i] < 0 || tokens[i] >= hp.n_vocab) fail("token id {} is outside the vocabulary", tokens[i]);
       dequantize_row(e.type, static_cast<const uint8_t*>(e.data) + uint64_t(tokens[i]) * e.row_bytes, row.data(),
-                     hp.n_embd);
+                     hp.n_embd, simd);
       for (int c = 0; c < hp.n_embd; ++c) x[i * hp.n_embd + c] = T(row[size_t(c)]);
     }
   }
@@ -319,9 +321,9 @@ struct Window {
     sz(A.g, ff), sz(A.u, ff), sz(A.a, ff), sz(A.tmp, std::max(d, qd));
     A.lse.resize(size_t(n) * size_t(hp.n_head));
     rmsnorm_fwd(x_in, L.attn_norm.data(), A.xn.data(), n, d, hp.rms_eps);
-    linear_fwd(L.wq, A.xn.data(), A.q.data(), n, pool);
-    linear_fwd(L.wk, A.xn.data(), A.k.data(), n, pool);
-    linear_fwd(L.wv, A.xn.data(), A.v.data(), n, pool);
+    linear_fwd(L.wq, A.xn.data(), A.q.data(), n, pool, simd);
+    linear_fwd(L.wk, A.xn.data(), A.k.data(), n, pool, simd);
+    linear_fwd(L.wv, A.xn.data(), A.v.data(), n, pool, simd);
     if (perturb && *perturb) (*perturb)(li, A.k.data(), A.v.data());
     rope_rotate(hp.rope, angles, A.q.data(), n, hp.n_head, false);
     A.kr = A.k;
@@ -330,15 +332,15 @@ struct Window {
       std::copy(saved->o, saved->o + n * qd, A.o.begin());
       std::copy(saved->lse, saved->lse + n * hp.n_head, A.lse.begin());
     } else {
-      attention_fwd(shape, A.q.data(), A.kr.data(), A.v.data(), A.o.data(), A.lse.data(), pool);
+      attention_fwd(shape, A.q.data(), A.kr.data(), A.v.data(), A.o.data(), A.lse.data(), pool, simd);
     }
-    linear_fwd(L.wo, A.o.data(), A.tmp.data(), n, pool);
+    linear_fwd(L.wo, A.o.data(), A.tmp.data(), n, pool, simd);
     for (int64_t i = 0; i < n * d; ++i) A.h[size_t(i)] = x_in[i] + A.tmp[size_t(i)];
     rmsnorm_fwd(A.h.data(), L.ffn_norm.data(), A.hn.data(), n, d, hp.rms_eps);
-    linear_fwd(L.w_gate, A.hn.data(), A.g.data(), n, pool);
-    linear_fwd(L.w_up, A.hn.data(), A.u.data(), n, pool);
+    linear_fwd(L.w_gate, A.hn.data(), A.g.data(), n, pool, simd);
+    linear_fwd(L.w_up, A.hn.data(), A.u.data(), n, pool, simd);
     swiglu_fwd(A.g.data(), A.u.data(), A.a.data(), n * ff);
-    linear_fwd(L.w_down, A.a.data(), A.tmp.data(), n, pool);
+    linear_fwd(L.w_down, A.a.data(), A.tmp.data(), n, pool, simd);
     for (int64_t i = 0; i < n * d; ++i) x_out[i] = A.h[size_t(i)] + A.tmp[size_t(i)];
     if (!all_finite(x_out, n * d)) fail("non-finite activation (NaN or Inf) after layer {}", li);
   }
@@ -352,21 +354,21 @@ struct Window {
     sz(G.a, ff), sz(G.g, ff), sz(G.u, ff), sz(G.hn, d), sz(G.o, qd), sz(G.q, qd), sz(G.kr, kvd), sz(G.v, kvd);
     sz(G.xn, d);
     // MLP: x_out = h + W_down a, a = swiglu(W_gate hn, W_up hn), hn = norm(h).
-    linear_bwd(L.w_down, dx, G.a.data(), n, false, pool);
+    linear_bwd(L.w_down, dx, G.a.data(), n, false, pool, simd);
     swiglu_bwd(A.g.data(), A.u.data(), G.a.data(), G.g.data(), G.u.data(), n * ff);
-    linear_bwd(L.w_gate, G.g.data(), G.hn.data(), n, false, pool);
-    linear_bwd(L.w_up, G.u.data(), G.hn.data(), n, true, pool);
+    linear_bwd(L.w_gate, G.g.data(), G.hn.data(), n, false, pool, simd);
+    linear_bwd(L.w_up, G.u.data(), G.hn.data(), n, true, pool, simd);
     rmsnorm_bwd(A.h.data(), L.ffn_norm.data(), G.hn.data(), dx, n, d, hp.rms_eps);  // dx is now dL/dh
     // Attention: h = x_in + W_o o.
-    linear_bwd(L.wo, dx, G.o.data(), n, false, pool);
+    linear_bwd(L.wo, dx, G.o.data(), n, false, pool, simd);
     attention_bwd(shape, A.q.data(), A.kr.data(), A.v.data(), A.o.data(), A.lse.data(), G.o.data(), G.q.data(),
-                  G.kr.data(), G.v.data(), pool);
+                  G.kr.data(), G.v.data(), pool, simd);
     rope_rotate(hp.rope, angles, G.q.data(), n, hp.n_head, true);
     rope_rotate(hp.rope, angles, G.kr.data(), n, hp.n_head_kv, true);  // now dL/dK pre-RoPE
     if (sink) sink(li, A.k.data(), A.v.data(), G.kr.data(), G.v.data());
-    linear_bwd(L.wq, G.q.data(), G.xn.data(), n, false, pool);
-    linear_bwd(L.wk, G.kr.data(), G.xn.data(), n, true, pool);
-    linear_bwd(L.wv, G.v.data(), G.xn.data(), n, true, pool);
+    linear_bwd(L.wq, G.q.data(), G.xn.data(), n, false, pool, simd);
+    linear_bwd(L.wk, G.kr.data(), G.xn.data(), n, true, pool, simd);
+    linear_bwd(L.wv, G.v.data(), G.xn.data(), n, true, pool, simd);
     rmsnorm_bwd(x_in, L.attn_norm.data(), G.xn.data(), dx, n, d, hp.rms_eps);
     if (!all_finite(dx, n * d)) fail("non-finite gradient (NaN or Inf) below layer {}", li);
   }
@@ -383,7 +385,7 @@ struct Window {
     for (int64_t c0 = 0; c0 < n - 1; c0 += kHeadChunk) {
       const int64_t rows = std::min(kHeadChunk, n - 1 - c0);  // the last token has no target
       rmsnorm_fwd(x + c0 * d, nw, xn.data(), rows, d, hp.rms_eps);
-      linear_fwd(W, xn.data(), logits.data(), rows, pool);
+      linear_fwd(W, xn.data(), logits.data(), rows, pool, simd);
       for (int64_t r = 0; r < rows; ++r) {
         T* lg = logits.data() + r * V;
         if (!all_finite(lg, V)) fail("non-finite logits at token {}", c0 + r);
@@ -400,7 +402,7 @@ struct Window {
         }
       }
       if (dx) {
-        linear_bwd(W, logits.data(), dxn.data(), rows, false, pool);
+        linear_bwd(W, logits.data(), dxn.data(), rows, false, pool, simd);
         rmsnorm_bwd(x + c0 * d, nw, dxn.data(), dx + c0 * d, rows, d, hp.rms_eps);
       }
     }
@@ -416,10 +418,10 @@ void check_window(const LlamaModel& model, int64_t n) {
 }  // namespace
 
 template <class T>
-double llama_window_loss(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool,
+double llama_window_loss(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool, SimdLevel simd,
                          const KvPerturb<T>& perturb) {
   check_window(model, n);
-  Window<T> w(model, n, pool);
+  Window<T> w(model, n, pool, simd);
   const int d = w.hp.n_embd;
   std::vector<T> x(size_t(n * d)), y(x.size());
   w.embed(tokens, x.data());
@@ -433,9 +435,9 @@ double llama_window_loss(const LlamaModel& model, const int32_t* tokens, int64_t
 
 template <class T>
 double llama_window_kv_grads(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool,
-                             const KvGradSink<T>& sink) {
+                             SimdLevel simd, const KvGradSink<T>& sink) {
   check_window(model, n);
-  Window<T> w(model, n, pool);
+  Window<T> w(model, n, pool, simd);
   const int d = w.hp.n_embd, n_layer = w.hp.n_layer;
   const size_t nd = size_t(n) * size_t(d);
   // Residual stream entering each layer, plus the final one: [(n_layer + 1)][n][d].
@@ -480,13 +482,13 @@ uint64_t llama_backward_bytes(const LlamaModel& model, int64_t n, size_t scalar_
   template void rope_rotate<T>(const RopeSpec&, const RopeAngles<T>&, T*, int64_t, int, bool);                     \
   template void swiglu_fwd<T>(const T*, const T*, T*, int64_t);                                                    \
   template void swiglu_bwd<T>(const T*, const T*, const T*, T*, T*, int64_t);                                      \
-  template void attention_fwd<T>(const AttnShape&, const T*, const T*, const T*, T*, T*, ThreadPool&);             \
+  template void attention_fwd<T>(const AttnShape&, const T*, const T*, const T*, T*, T*, ThreadPool&, SimdLevel);  \
   template void attention_bwd<T>(const AttnShape&, const T*, const T*, const T*, const T*, const T*, const T*, T*, \
-                                 T*, T*, ThreadPool&);                                                             \
-  template void linear_bwd<T>(const WeightView&, const T*, T*, int64_t, bool, ThreadPool&);                        \
-  template double llama_window_loss<T>(const LlamaModel&, const int32_t*, int64_t, ThreadPool&,                    \
+                                 T*, T*, ThreadPool&, SimdLevel);                                                  \
+  template void linear_bwd<T>(const WeightView&, const T*, T*, int64_t, bool, ThreadPool&, SimdLevel);             \
+  template double llama_window_loss<T>(const LlamaModel&, const int32_t*, int64_t, ThreadPool&, SimdLevel,         \
                                        const KvPerturb<T>&);                                                       \
-  template double llama_window_kv_grads<T>(const LlamaModel&, const int32_t*, int64_t, ThreadPool&,                \
+  template double llama_window_kv_grads<T>(const LlamaModel&, const int32_t*, int64_t, ThreadPool&, SimdLevel,     \
                                            const KvGradSink<T>&);
 KVQ_INSTANTIATE(float)
 KVQ_INSTANTIATE(double)

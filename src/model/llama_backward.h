@@ -73,20 +73,20 @@ struct AttnShape {
 };
 // o [n][n_head][hd]; lse [n_head][n] = log sum_j exp(scale q_i.k_j) (saved for the backward).
 template <class T>
-void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o, T* lse, ThreadPool& pool);
+void attention_fwd(const AttnShape& s, const T* q, const T* k, const T* v, T* o, T* lse, ThreadPool& pool, SimdLevel simd);
 // dq (overwrite), dk, dv (overwrite; a KV head's gradient sums over its query heads,
 // reduced in a fixed order so the result does not depend on the thread count).
 template <class T>
 void attention_bwd(const AttnShape& s, const T* q, const T* k, const T* v, const T* o, const T* lse, const T* d_o,
-                   T* dq, T* dk, T* dv, ThreadPool& pool);
+                   T* dq, T* dk, T* dv, ThreadPool& pool, SimdLevel simd);
 
 // y[t] = W x[t] (float: kvq::matmul, the inference kernels; double: dequantized rows).
 template <class T>
-void linear_fwd(const WeightView& w, const T* x, T* y, int64_t n, ThreadPool& pool);
+void linear_fwd(const WeightView& w, const T* x, T* y, int64_t n, ThreadPool& pool, SimdLevel simd);
 // dx[t] (+)= W^T dy[t]: rows of W dequantized chunk by chunk into f32, tokens
 // split over the pool. Overwrites dx unless `accumulate`.
 template <class T>
-void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumulate, ThreadPool& pool);
+void linear_bwd(const WeightView& w, const T* dy, T* dx, int64_t n, bool accumulate, ThreadPool& pool, SimdLevel simd);
 
 // ---- the whole model --------------------------------------------------------------
 
@@ -101,13 +101,13 @@ using KvPerturb = std::function<void(int layer, T* k, T* v)>;
 
 // The loss of tokens[0..n) run as one window (positions 0..n-1) in full precision.
 template <class T>
-double llama_window_loss(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool,
+double llama_window_loss(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool, SimdLevel simd,
                          const KvPerturb<T>& perturb = {});
 
 // Forward, then backward; returns the loss. Throws on non-finite activations.
 template <class T>
 double llama_window_kv_grads(const LlamaModel& model, const int32_t* tokens, int64_t n, ThreadPool& pool,
-                             const KvGradSink<T>& sink);
+                             SimdLevel simd, const KvGradSink<T>& sink);
 
 // Bytes llama_window_kv_grads<T> holds for a window of n tokens (approximate peak).
 uint64_t llama_backward_bytes(const LlamaModel& model, int64_t n, size_t scalar_bytes);

@@ -1,5 +1,5 @@
 // The backward pass's inner loops compiled for AVX2+FMA (float only); the
-// dispatcher in llama_backward.cpp picks them when simd_level() allows.
+// dispatcher in llama_backward.cpp picks them when the caller's SIMD level allows.
 // The weight-gradient product has an explicit FMA kernel (the biggest cost:
 // the output head); the attention loops are the shared templates, auto-vectorised.
 #include <immintrin.h>

@@ -15,10 +15,11 @@ namespace kvq {
 
 namespace {
 
-bool use_avx2() {
+bool use_avx2(SimdLevel simd) {
 #if defined(__x86_64__) || defined(_M_X64)
-  return simd_level() >= SimdLevel::avx2;
+  return simd >= SimdLevel::avx2;
 #else
+  (void)simd;
   return false;
 #endif
 }
@@ -29,22 +30,22 @@ const QuantTraits& traits_or_fail(GgmlType type) {
   return *t;
 }
 
-ToFloatFn pick_to_float(GgmlType type) {
-  if (use_avx2())
+ToFloatFn pick_to_float(GgmlType type, SimdLevel simd) {
+  if (use_avx2(simd))
     if (ToFloatFn f = simd::avx2_to_float(type)) return f;
   return traits_or_fail(type).to_float_ref;
 }
 
-FromFloatFn pick_from_float(GgmlType type) {
-  if (use_avx2())
+FromFloatFn pick_from_float(GgmlType type, SimdLevel simd) {
+  if (use_avx2(simd))
     if (FromFloatFn f = simd::avx2_from_float(type)) return f;
   FromFloatFn f = traits_or_fail(type).from_float_ref;
   if (!f) fail("cannot quantize to tensor type {}", ggml_type_name(type));
   return f;
 }
 
-VecDotFn pick_vec_dot(const QuantTraits& t) {
-  if (use_avx2())
+VecDotFn pick_vec_dot(const QuantTraits& t, SimdLevel simd) {
+  if (use_avx2(simd))
     if (VecDotFn f = simd::avx2_vec_dot(t.type, t.vec_dot_type)) return f;
   return t.vec_dot_ref;
 }
@@ -71,15 +72,19 @@ constexpr int64_t kRowGrain = 16;
 
 }  // namespace
 
-void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n) { pick_to_float(type)(src, dst, n); }
-
-void quantize_row(GgmlType type, const float* src, void* dst, int64_t n) { pick_from_float(type)(src, dst, n); }
-
-float vec_dot(GgmlType type, int64_t n, const void* w, const void* a) {
-  return pick_vec_dot(traits_or_fail(type))(n, w, a);
+void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n, SimdLevel simd) {
+  pick_to_float(type, simd)(src, dst, n);
 }
 
-void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool) {
+void quantize_row(GgmlType type, const float* src, void* dst, int64_t n, SimdLevel simd) {
+  pick_from_float(type, simd)(src, dst, n);
+}
+
+float vec_dot(GgmlType type, int64_t n, const void* w, const void* a, SimdLevel simd) {
+  return pick_vec_dot(traits_or_fail(type), simd)(n, w, a);
+}
+
+void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool, SimdLevel simd) {
   if (n_tokens <= 0 || w.rows <= 0) return;
   const QuantTraits& t = traits_or_fail(w.type);
   const GgmlType at = t.vec_dot_type;
@@ -89,7 +94,7 @@ void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, Thr
   const int64_t cols = w.cols, rows = w.rows;
 
   // 1. Activations -> vec_dot_type, once, in parallel over tokens.
-  const FromFloatFn quant = pick_from_float(at);
+  const FromFloatFn quant = pick_from_float(at, simd);
   uint8_t* act = tl_act.get(size_t(a_row) * size_t(n_tokens) + 64);
   act += (64 - reinterpret_cast<uintptr_t>(act) % 64) % 64;
   pool.parallel_for(n_tokens, [&](int64_t t0, int64_t t1) {
@@ -97,8 +102,8 @@ void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, Thr
   });
 
   // 2. Kernel: a tiled SIMD GEMM where there is one, else a loop of dots.
-  const simd::GemmFn gemm = use_avx2() ? simd::avx2_gemm(w.type, at) : nullptr;
-  const VecDotFn dot = pick_vec_dot(t);
+  const simd::GemmFn gemm = use_avx2(simd) ? simd::avx2_gemm(w.type, at) : nullptr;
+  const VecDotFn dot = pick_vec_dot(t, simd);
   const auto* wdata = static_cast<const uint8_t*>(w.data);
   auto block = [&](int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     const uint8_t* wp = wdata + uint64_t(r0) * w.row_bytes;
@@ -136,17 +141,18 @@ void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, Thr
   });
 }
 
-void matmul_shared_input(const MatmulOutput* outs, int n_outs, const float* x, int64_t n_tokens, ThreadPool& pool) {
+void matmul_shared_input(const MatmulOutput* outs, int n_outs, const float* x, int64_t n_tokens, ThreadPool& pool,
+                         SimdLevel simd) {
   if (n_outs <= 0 || n_tokens <= 0) return;
   const WeightView& w0 = *outs[0].w;
-  bool shared = n_tokens <= kRowSplitMaxTokens && use_avx2();
+  bool shared = n_tokens <= kRowSplitMaxTokens && use_avx2(simd);
   for (int i = 0; i < n_outs && shared; ++i) {
     const WeightView& w = *outs[i].w;
     shared = w.cols == w0.cols && traits_or_fail(w.type).vec_dot_type == traits_or_fail(w0.type).vec_dot_type &&
              simd::avx2_gemm(w.type, traits_or_fail(w.type).vec_dot_type) != nullptr;
   }
   if (!shared) {
-    for (int i = 0; i < n_outs; ++i) matmul(*outs[i].w, x, outs[i].y, n_tokens, pool);
+    for (int i = 0; i < n_outs; ++i) matmul(*outs[i].w, x, outs[i].y, n_tokens, pool, simd);
     return;
   }
   // Decode: quantize the few input rows once (inline: too little work to fork),
@@ -155,7 +161,7 @@ void matmul_shared_input(const MatmulOutput* outs, int n_outs, const float* x, i
   const uint64_t a_row = (*ggml_row_bytes(at, w0.cols) + 63) / 64 * 64;
   uint8_t* act = tl_act.get(size_t(a_row) * size_t(n_tokens) + 64);
   act += (64 - reinterpret_cast<uintptr_t>(act) % 64) % 64;
-  const FromFloatFn quant = pick_from_float(at);
+  const FromFloatFn quant = pick_from_float(at, simd);
   for (int64_t i = 0; i < n_tokens; ++i) quant(x + i * w0.cols, act + uint64_t(i) * a_row, w0.cols);
   int64_t total = 0;
   for (int i = 0; i < n_outs; ++i) total += outs[i].w->rows;

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 
+#include "base/cpu.h"
 #include "gguf/ggml_types.h"
 
 namespace kvq {
@@ -28,10 +29,11 @@ struct QuantTraits {
 // Traits of a weight type kvq can compute with; nullptr for types it cannot.
 const QuantTraits* quant_traits(GgmlType type);
 
-// Fast (dispatched once per call on simd_level()) versions of the reference functions.
-void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n);
-void quantize_row(GgmlType type, const float* src, void* dst, int64_t n);
-float vec_dot(GgmlType type, int64_t n, const void* w, const void* a);
+// Fast versions of the reference functions: the best kernel the SIMD level
+// `simd` allows (a session's KernelSet::simd), picked once per call.
+void dequantize_row(GgmlType type, const void* src, float* dst, int64_t n, SimdLevel simd);
+void quantize_row(GgmlType type, const float* src, void* dst, int64_t n, SimdLevel simd);
+float vec_dot(GgmlType type, int64_t n, const void* w, const void* a, SimdLevel simd);
 
 // A 2-D weight matrix as stored in GGUF: `rows` rows of `cols` elements, row-major.
 struct WeightView {
@@ -44,8 +46,8 @@ struct WeightView {
 
 // y[t][r] = sum_c W[r][c] * x[t][c] for t < n_tokens; x and y are row-major f32
 // (stride = cols and rows). Activations are quantized to vec_dot_type once.
-// Uses every thread of the pool.
-void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool);
+// Uses every thread of the pool and the kernels `simd` allows.
+void matmul(const WeightView& w, const float* x, float* y, int64_t n_tokens, ThreadPool& pool, SimdLevel simd);
 
 // Several products of the same input, e.g. the Q, K and V projections:
 // y_i = W_i x. Equal to calling matmul for each, but when the weights share
@@ -56,7 +58,7 @@ struct MatmulOutput {
   float* y;
 };
 void matmul_shared_input(const MatmulOutput* outputs, int n_outputs, const float* x, int64_t n_tokens,
-                         ThreadPool& pool);
+                         ThreadPool& pool, SimdLevel simd);
 
 // The scalar-reference version of matmul (single thread), for tests.
 void matmul_ref(const WeightView& w, const float* x, float* y, int64_t n_tokens);

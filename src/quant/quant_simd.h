@@ -16,7 +16,7 @@ using GemmFn = void (*)(int64_t k, const void* w, uint64_t w_stride, int64_t nr,
                         uint64_t a_stride, int64_t nt, float* y, int64_t ldy);
 
 // AVX2 kernels; each lookup returns nullptr when there is no kernel for the
-// type (pair). Callers must check simd_level() >= avx2 before calling these.
+// type (pair). Callers must check their SIMD level is >= avx2 before calling these.
 ToFloatFn avx2_to_float(GgmlType type);
 FromFloatFn avx2_from_float(GgmlType type);
 VecDotFn avx2_vec_dot(GgmlType w_type, GgmlType a_type);

@@ -167,6 +167,7 @@ CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<con
 
   KvCache cache(model_cache_config(hp, params.window, "f32", "f32"));
   ThreadPool pool(params.n_threads == 0 ? default_thread_count() : params.n_threads);
+  const KernelSet kernels = session_kernels(params.simd, "auto");
   LlamaScratch scratch;
 
   int64_t window_start = 0;  // index of the window's first token in the capture buffers
@@ -185,7 +186,7 @@ CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<con
     // Full-precision forward + backward over the window: K, V and (dL/dA)^2.
     const int64_t at = w * params.window;
     for (int64_t i = 0; i < params.window; ++i) positions[size_t(at + i)] = int32_t(i);
-    llama_window_kv_grads<float>(llama, tokens.data() + at, params.window, pool,
+    llama_window_kv_grads<float>(llama, tokens.data() + at, params.window, pool, kernels.simd,
                                  [&](int layer, const float* k, const float* v, const float* dk, const float* dv) {
                                    LayerBuf& b = bufs[size_t(layer)];
                                    const size_t o = size_t(at) * size_t(row), m = size_t(params.window) * size_t(row);
@@ -207,7 +208,7 @@ CalibrationReport calibrate_kv(std::shared_ptr<const Model> model, std::span<con
       std::iota(batch_pos.begin(), batch_pos.end(), int32_t(b0));
       cache.begin_batch(batch_pos);
       try {
-        llama.forward(tokens.data() + window_start + b0, batch_pos.data(), bn, bn, cache, scratch, pool,
+        llama.forward(tokens.data() + window_start + b0, batch_pos.data(), bn, bn, cache, scratch, pool, kernels,
                       [](int64_t, const float*) {});
       } catch (...) {
         cache.abort_batch();

@@ -23,4 +23,8 @@ struct Model::Impl {
 KvCacheConfig model_cache_config(const LlamaHparams& hp, int64_t n_ctx, std::string_view type_k,
                                  std::string_view type_v);
 
+// The resolved kernels of SessionParams::simd / attention_kernel (one-line
+// errors naming the bad value).
+KernelSet session_kernels(const std::string& simd, const std::string& attention_kernel);
+
 }  // namespace kvq

@@ -7,6 +7,8 @@
 #include "base/threads.h"
 #include "calib/kv_calibration.h"
 #include "formats/kv_format.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/kernel_set.h"
 #include "kvcache/kv_cache.h"
 #include "runtime/model_impl.h"
 
@@ -15,14 +17,15 @@ namespace kvq {
 struct Session::Impl {
   std::shared_ptr<const Model> model;
   SessionParams params;
+  KernelSet kernels;
   ThreadPool pool;
   KvCache cache;
   LlamaScratch scratch;
   std::vector<float> last_logits;
   std::vector<int32_t> positions;
 
-  Impl(std::shared_ptr<const Model> m, const SessionParams& p, int threads, const KvCacheConfig& cfg)
-      : model(std::move(m)), params(p), pool(threads), cache(cfg) {}
+  Impl(std::shared_ptr<const Model> m, const SessionParams& p, const KernelSet& ks, const KvCacheConfig& cfg)
+      : model(std::move(m)), params(p), kernels(ks), pool(p.n_threads), cache(cfg) {}
 
   const LlamaModel& llama() const { return model->impl().llama; }
 
@@ -47,7 +50,7 @@ struct Session::Impl {
       cache.begin_batch(positions);
       try {
         llama().forward(tokens.data() + b0, positions.data(), bn, std::max<int64_t>(0, first_logit - b0), cache,
-                        scratch, pool, [&](int64_t i, const float* lg) { on_logits(b0 + i, lg); });
+                        scratch, pool, kernels, [&](int64_t i, const float* lg) { on_logits(b0 + i, lg); });
       } catch (...) {
         cache.abort_batch();
         throw;
@@ -107,7 +110,25 @@ KvCacheConfig model_cache_config(const LlamaHparams& hp, int64_t n_ctx, std::str
   return cfg;
 }
 
+KernelSet session_kernels(const std::string& simd, const std::string& attention_kernel) {
+  KernelSet ks;
+  ks.simd = parse_simd_level(simd);
+  // A pinned kernel brings its own decoders: what a CPU of that kind runs.
+  if (attention_kernel == "scalar") ks.scalar_attention = true;
+  else if (attention_kernel == "avx512") ks.attention = AttentionKernel::avx512, ks.decoders = TileDecoders::avx512;
+  else if (attention_kernel == "avx2") ks.attention = AttentionKernel::avx2, ks.decoders = TileDecoders::avx2;
+  else if (attention_kernel == "portable") ks.attention = AttentionKernel::portable, ks.decoders = TileDecoders::portable;
+  else if (attention_kernel != "auto")
+    fail("unknown attention kernel '{}' (valid: auto, avx512, avx2, portable, scalar)", attention_kernel);
+  return resolve_kernels(ks);
+}
+
 namespace {
+
+KernelInfo describe_kernels(const KernelSet& ks, int head_dim, const std::string& cache_type_v) {
+  return {simd_level_name(ks.simd), attention_kernel_name(ks, head_dim),
+          attention_kernel_name(ks, head_dim, &kv_format(cache_type_v))};
+}
 
 // The cache a session with these (validated) parameters holds, calibration aside.
 KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
@@ -151,9 +172,10 @@ Session::Session(std::shared_ptr<const Model> model, const SessionParams& params
   if (p.n_threads < 0 || p.n_threads > 1024) fail("thread count {} is out of range 0..1024", p.n_threads);
   if (p.n_threads == 0) p.n_threads = default_thread_count();
   if (p.n_batch <= 0 || p.n_batch > 65536) fail("batch size {} is out of range 1..65536", p.n_batch);
+  const KernelSet kernels = session_kernels(p.simd, p.attention_kernel);
   KvCacheConfig cfg = cache_config(hp, p);
   load_calibration(*model, p, cfg);
-  impl_ = std::make_unique<Impl>(std::move(model), p, p.n_threads, cfg);
+  impl_ = std::make_unique<Impl>(std::move(model), p, kernels, cfg);
 }
 
 Session::~Session() = default;
@@ -176,6 +198,17 @@ void Session::eval_all(std::span<const int32_t> tokens, const LogitsCallback& on
 
 void Session::fill_for_benchmark(std::span<const int32_t> seed, int64_t n_tokens) {
   impl_->fill_for_benchmark(seed, n_tokens);
+}
+
+KernelInfo Session::kernels() const {
+  return describe_kernels(impl_->kernels, impl_->llama().hparams().head_dim, impl_->params.cache_type_v);
+}
+
+std::string cpu_simd_level() { return simd_level_name(detected_simd_level()); }
+
+KernelInfo kernel_info(const Model& model, const SessionParams& params) {
+  return describe_kernels(session_kernels(params.simd, params.attention_kernel), model.impl().llama.hparams().head_dim,
+                          params.cache_type_v);
 }
 
 int64_t Session::n_past() const { return impl_->cache.n_tokens(); }

@@ -53,7 +53,7 @@ TEST(KvCodecBlock, BytesEqualGgmlQuantizer) {
         std::vector<uint8_t> want(size_t(nb) * bc.block_bytes);
         for (int h = 0; h < g.n_kv_heads; ++h)
           for (int j = 0; j < kKvPageTokens; ++j) {
-            quantize_row(bc.type, rows[size_t(j)].data() + h * g.head_dim, want.data(), g.head_dim);
+            quantize_row(bc.type, rows[size_t(j)].data() + h * g.head_dim, want.data(), g.head_dim, SimdLevel::scalar);
             const uint8_t* got = page.data() + (size_t(h) * kKvPageTokens + size_t(j)) * want.size();
             ASSERT_EQ(0, std::memcmp(got, want.data(), want.size())) << "head " << h << " slot " << j;
           }
@@ -63,7 +63,7 @@ TEST(KvCodecBlock, BytesEqualGgmlQuantizer) {
           codec->decode(page.data(), h, kKvPageTokens, tile.data());
           for (int j = 0; j < kKvPageTokens; ++j) {
             const uint8_t* blk = page.data() + (size_t(h) * kKvPageTokens + size_t(j)) * want.size();
-            dequantize_row(bc.type, blk, ref.data(), g.head_dim);
+            dequantize_row(bc.type, blk, ref.data(), g.head_dim, SimdLevel::scalar);
             for (int d = 0; d < g.head_dim; ++d) {
               const float got = role == KvRole::key ? tile[size_t(d) * kKvPageTokens + j] : tile[size_t(j) * g.head_dim + d];
               ASSERT_EQ(got, ref[size_t(d)]) << "head " << h << " slot " << j << " d " << d;
@@ -96,10 +96,10 @@ TEST(KvCodecBlock, PaddedHeadDim40) {
         codec->decode(page.data(), h, n, tile.data());
         for (int j = 0; j < n; ++j) {
           std::copy_n(rows[size_t(j)].data() + h * 40, 40, padded.begin());
-          quantize_row(bc.type, padded.data(), want.data(), 64);
+          quantize_row(bc.type, padded.data(), want.data(), 64, SimdLevel::scalar);
           const uint8_t* got = page.data() + (size_t(h) * kKvPageTokens + size_t(j)) * want.size();
           ASSERT_EQ(0, std::memcmp(got, want.data(), want.size())) << "head " << h << " slot " << j;
-          dequantize_row(bc.type, want.data(), ref.data(), 64);
+          dequantize_row(bc.type, want.data(), ref.data(), 64, SimdLevel::scalar);
           for (int d = 0; d < 40; ++d) {
             const float v = role == KvRole::key ? tile[size_t(d) * kKvPageTokens + j] : tile[size_t(j) * 40 + d];
             ASSERT_EQ(v, ref[size_t(d)]);

@@ -37,6 +37,7 @@
 #include "formats/kv_format.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/kv_tile.h"
 #include "kvcache/kv_cache.h"
 #include "kvq/error.h"
 
@@ -61,7 +62,7 @@ std::vector<KernelPath> kernel_paths() {
     paths.push_back({"avx2+avx512 decoders", SimdLevel::avx512, AttentionKernel::avx2});
     paths.push_back({"avx512", SimdLevel::avx512, AttentionKernel::avx512});
   }
-  for (int64_t t : attn::portable_targets()) {
+  for (int64_t t : portable_targets()) {
     // Targets of AVX2 width and up run beside the AVX2 tile decoders (as on an
     // AVX-512 CPU), narrower ones beside the portable decoders (as on a CPU without AVX2).
     const std::string name = hwy::TargetName(t);
@@ -71,24 +72,20 @@ std::vector<KernelPath> kernel_paths() {
   return paths;
 }
 
-struct PathScope {
-  explicit PathScope(const KernelPath& p) {
-    set_simd_level(p.level);
-    set_attention_kernel(p.kernel);
-    attn::pin_portable_target(p.target);
-  }
-  ~PathScope() {
-    set_simd_level(detected_simd_level());
-    set_attention_kernel(AttentionKernel::automatic);
-    attn::pin_portable_target(0);
-  }
-};
+// The kernel set that runs a path.
+KernelSet kernels_of(const KernelPath& p) {
+  KernelSet ks;
+  ks.simd = p.level;
+  ks.attention = p.kernel;
+  ks.portable_target = p.target;
+  return resolve_kernels(ks);
+}
 
 // Every Highway target compiled in that this CPU runs is among the paths above,
 // the portable baseline (one lane, EMU128 or SCALAR) included, so the tests
 // cover several vector widths.
 TEST(Attention, PortableKernelRunsEveryTargetOfThisCpu) {
-  const std::vector<int64_t> targets = attn::portable_targets();
+  const std::vector<int64_t> targets = portable_targets();
   ASSERT_GE(targets.size(), 1u);
   std::string names;
   for (int64_t t : targets) names += std::string(" ") + hwy::TargetName(t);
@@ -98,17 +95,19 @@ TEST(Attention, PortableKernelRunsEveryTargetOfThisCpu) {
   if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_NE(names.find("AVX2"), std::string::npos) << names; }
   // Automatic choice: the hand-written kernels on AVX2 and AVX-512 CPUs, the
   // portable kernel for head sizes they cannot take.
-  if (detected_simd_level() == SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(64), "avx2"); }
+  const KernelSet best = resolve_kernels({});
+  if (detected_simd_level() == SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(best, 64), "avx2"); }
   if (detected_simd_level() == SimdLevel::avx512) {
-    EXPECT_EQ(attention_kernel_name(64), "avx512");
-    EXPECT_EQ(attention_kernel_name(40).rfind("portable/", 0), 0u) << "head size 40: not a multiple of 16";
+    EXPECT_EQ(attention_kernel_name(best, 64), "avx512");
+    EXPECT_EQ(attention_kernel_name(best, 40).rfind("portable/", 0), 0u) << "head size 40: not a multiple of 16";
   }
-  if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(20).rfind("portable/", 0), 0u); }
+  if (detected_simd_level() >= SimdLevel::avx2) { EXPECT_EQ(attention_kernel_name(best, 20).rfind("portable/", 0), 0u); }
 #endif
-  set_simd_level(SimdLevel::scalar);
   // Lowered to scalar on a SIMD CPU: the reference (a CPU without AVX2 runs the portable kernel).
-  EXPECT_EQ(attention_kernel_name(64), detected_simd_level() == SimdLevel::scalar ? "portable/" + std::string(attn::portable_target_name()) : "scalar");
-  set_simd_level(detected_simd_level());
+  const KernelSet low = kernels_at(SimdLevel::scalar);
+  EXPECT_EQ(attention_kernel_name(low, 64), detected_simd_level() == SimdLevel::scalar
+                                                 ? "portable/" + std::string(portable_target_name(low.portable_target))
+                                                 : "scalar");
 }
 
 ThreadPool& pool(int n) {
@@ -213,13 +212,13 @@ struct AttnSetup {
     q_pos.assign(pos.begin() + n_old, pos.end());
   }
 
-  AttentionArgs args(float* out) const {
-    return AttentionArgs{q.data(), c.n_q, n_heads, q_pos.data(), scale, cache->view(0), out};
+  AttentionArgs args(float* out, const KernelSet& ks = resolve_kernels({})) const {
+    return AttentionArgs{q.data(), c.n_q, n_heads, q_pos.data(), scale, cache->view(0), out, ks};
   }
 
-  std::vector<float> run_fast(int threads) const {
+  std::vector<float> run_fast(int threads, const KernelSet& ks = resolve_kernels({})) const {
     std::vector<float> out(q.size(), -12345.0f);
-    attention(args(out.data()), pool(threads));
+    attention(args(out.data(), ks), pool(threads));
     return out;
   }
   std::vector<float> run_ref() const {
@@ -231,10 +230,11 @@ struct AttnSetup {
   // Decoded (post-RoPE) keys / values of one KV head, [n_tokens][hd].
   std::vector<float> read(int h, bool keys) const {
     const KvLayerView kv = cache->view(0);
+    const KernelSet ks = resolve_kernels({});
     std::vector<float> page(size_t(c.hd) * kKvPageTokens), res(size_t(kv.n_tokens) * c.hd);
     for (int64_t p = 0; p * kKvPageTokens < kv.n_tokens; ++p) {
-      if (keys) kv.decode_keys(p, h, page.data());
-      else kv.decode_values(p, h, page.data());
+      if (keys) kv_decode_key_tile(ks, kv, p, h, page.data());
+      else kv_decode_value_tile(ks, kv, p, h, page.data());
       for (int64_t j = 0; j < kKvPageTokens && p * kKvPageTokens + j < kv.n_tokens; ++j)
         for (int d = 0; d < c.hd; ++d)
           res[size_t((p * kKvPageTokens + j) * c.hd + d)] =
@@ -294,8 +294,8 @@ void check_case(const Case& c) {
   const std::vector<float> ref = s.run_ref();
   const double tol = s.tolerance();
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
-    const std::vector<float> out = s.run_fast(c.threads);
+    const KernelSet ks = kernels_of(path);
+    const std::vector<float> out = s.run_fast(c.threads, ks);
     size_t at = 0;
     const double err = max_abs_diff(out, ref, &at);
     EXPECT_LE(err, tol) << "kernel=" << path.name << " worst at flat index " << at << " (token "
@@ -488,7 +488,7 @@ TEST(Attention, MatchesReferenceWithLargeLogits) {
 // A single key that dominates by ~160 in score: the output is its value.
 TEST(Attention, SpikeKeyDominates) {
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
+    const KernelSet ks = kernels_of(path);
     for (int64_t n : {64, 200, 1000}) {
       Case c;
       c.n_tokens = n;
@@ -504,9 +504,10 @@ TEST(Attention, SpikeKeyDominates) {
       // spike, the scores are 0 except one. Choose q = rotated spike key direction.
       keys[size_t(spike * c.hd)] = 1.0f;  // pre-RoPE key e0 of the spike token
       AttnSetup s(c, &keys, &vals);
-      const std::vector<float> ks = s.read(0, true);
-      for (int d = 0; d < c.hd; ++d) s.q[size_t(d)] = ks[size_t(spike * c.hd + d)] * 160.0f * std::sqrt(float(c.hd));
-      std::vector<float> out = s.run_fast(2);
+      const std::vector<float> keys_read = s.read(0, true);
+      for (int d = 0; d < c.hd; ++d)
+        s.q[size_t(d)] = keys_read[size_t(spike * c.hd + d)] * 160.0f * std::sqrt(float(c.hd));
+      std::vector<float> out = s.run_fast(2, ks);
       const std::vector<float> ref = s.run_ref();
       for (int d = 0; d < c.hd; ++d) {
         EXPECT_NEAR(out[size_t(d)], vals[size_t(spike * c.hd + d)], 1e-5) << "n=" << n << " d=" << d;
@@ -519,7 +520,7 @@ TEST(Attention, SpikeKeyDominates) {
 // All-equal scores (zero query): the output is the plain mean of the visible values.
 TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
+    const KernelSet ks = kernels_of(path);
     for (int64_t n : {1, 63, 65, 1000})
       for (int64_t nq : {int64_t(1), std::min<int64_t>(n, 9)}) {
         Case c;
@@ -533,7 +534,7 @@ TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
         c.seed = 3;
         SCOPED_TRACE(c.str());
         const AttnSetup s(c);
-        const std::vector<float> out = s.run_fast(c.threads);
+        const std::vector<float> out = s.run_fast(c.threads, ks);
         for (int h = 0; h < c.n_kv; ++h) {
           const std::vector<float> v = s.read(h, false);
           for (int64_t t = 0; t < nq; ++t) {
@@ -557,7 +558,7 @@ TEST(Attention, EqualScoresGiveMeanOfVisibleValues) {
 TEST(Attention, FutureKeysAreMasked) {
   int k = 0;
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
+    const KernelSet ks = kernels_of(path);
     for (int64_t n : {9, 65, 129, 300})
       for (int hd : {16, 12}) {
         Case c;
@@ -584,7 +585,7 @@ TEST(Attention, FutureKeysAreMasked) {
         }
         AttnSetup b(c, &keys, &vals);
         b.q = a.q;
-        const std::vector<float> oa = a.run_fast(c.threads), ob = b.run_fast(c.threads);
+        const std::vector<float> oa = a.run_fast(c.threads, ks), ob = b.run_fast(c.threads, ks);
         const size_t per_token = size_t(a.n_heads) * hd;
         for (size_t i = 0; i < (size_t(c.n_q) - 1) * per_token; ++i)
           ASSERT_EQ(oa[i], ob[i]) << "query token " << i / per_token << " saw a future key";
@@ -602,7 +603,7 @@ TEST(Attention, FutureKeysAreMasked) {
 // with split-K, whole key ranges see nothing), and one before every key.
 TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
+    const KernelSet ks = kernels_of(path);
     for (int32_t qpos : {0, 5, 70, 130, 640, 999}) {
       Case c;
       c.n_tokens = 1000;
@@ -616,7 +617,7 @@ TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
       AttnSetup s(c);
       s.q_pos[0] = qpos;
       for (int threads : {1, 3}) {
-        const std::vector<float> out = s.run_fast(threads), ref = s.run_ref();
+        const std::vector<float> out = s.run_fast(threads, ks), ref = s.run_ref();
         EXPECT_LE(max_abs_diff(out, ref), s.tolerance()) << "threads=" << threads;
         if (qpos == 0) {
           for (float x : out) ASSERT_EQ(x, 0.0f) << "no visible key must give a zero output";
@@ -632,7 +633,7 @@ TEST(Attention, DecodeQueryInTheMiddleAndBeforeAllKeys) {
 // within float rounding of the merge (a few ulp of max|v|).
 TEST(Attention, SplitMergeEqualsUnsplit) {
   for (const KernelPath& path : kernel_paths()) {
-    PathScope scope(path);
+    const KernelSet ks = kernels_of(path);
     for (int64_t n : {129, 1000})
       for (int threads : {1, 3}) {
         Case c;
@@ -652,8 +653,8 @@ TEST(Attention, SplitMergeEqualsUnsplit) {
         AttnSetup decode(d);
         decode.q.assign(prefill.q.end() - c.hd, prefill.q.end());
         decode.q_pos = {prefill.q_pos.back()};
-        const std::vector<float> whole = prefill.run_fast(threads);
-        const std::vector<float> split = decode.run_fast(threads);
+        const std::vector<float> whole = prefill.run_fast(threads, ks);
+        const std::vector<float> split = decode.run_fast(threads, ks);
         const double maxv = prefill.max_abs_v();
         for (int dd = 0; dd < c.hd; ++dd)
           EXPECT_NEAR(split[size_t(dd)], whole[whole.size() - c.hd + dd], 8 * FLT_EPSILON * maxv) << "dim " << dd;

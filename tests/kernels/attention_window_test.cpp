@@ -67,7 +67,8 @@ std::vector<float> run(const WindowCase& c, bool use_ref, ThreadPool& pool) {
     cache.begin_batch(std::span<const int32_t>(pos.data() + b0, size_t(bn)));
     cache.store(0, k.data() + b0 * row, v.data() + b0 * row);
     const AttentionArgs a{q.data() + b0 * n_heads * c.hd, bn, int(n_heads), pos.data() + b0,
-                          1.0f / std::sqrt(float(c.hd)), cache.view(0), out.data() + b0 * n_heads * c.hd};
+                          1.0f / std::sqrt(float(c.hd)), cache.view(0), out.data() + b0 * n_heads * c.hd,
+                          resolve_kernels({})};
     if (use_ref) attention_ref(a);
     else attention(a, pool);
     cache.end_batch();

@@ -5,8 +5,8 @@
 // indices are exercised), and awkward page fills n = 1, 31, 33, 63, 64. The
 // fast stages are required to give the very same floats (bit for bit, see
 // kv_decode.h), so any difference is a bug. Also the RoPE rotation of a key
-// tile against the page-transposed angle table, and the cache's decode_keys /
-// decode_values (decode + sink/window patch + rotation) on both paths.
+// tile against the page-transposed angle table, and the cache view's key /
+// value tiles (kv_tile.h) (decode + sink/window patch + rotation) on both paths.
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 
@@ -23,6 +23,7 @@
 #include "kernels/cpu/attention_tile.h"
 #include "formats/kv_format.h"
 #include "kernels/cpu/kv_decode.h"
+#include "kernels/cpu/kv_tile.h"
 #include "kvcache/kv_cache.h"
 
 namespace kvq {
@@ -46,28 +47,27 @@ std::vector<DecoderPath> decoder_paths() {
   std::vector<DecoderPath> paths;
   if (detected_simd_level() >= SimdLevel::avx512) paths.push_back({"avx512", TileDecoders::avx512});
   if (detected_simd_level() >= SimdLevel::avx2) paths.push_back({"avx2", TileDecoders::avx2});
-  for (int64_t t : attn::portable_targets())
+  for (int64_t t : portable_targets())
     if (!is_baseline(t)) paths.push_back({"portable/" + std::string(hwy::TargetName(t)), TileDecoders::portable, t});
   return paths;
 }
 
-struct DecoderScope {
-  explicit DecoderScope(const DecoderPath& p) {
-    set_tile_decoders(p.decoders);
-    attn::pin_portable_target(p.target);
-    EXPECT_EQ(tile_decoders(), p.decoders) << p.name;
-  }
-  ~DecoderScope() {
-    set_tile_decoders(TileDecoders::automatic);
-    attn::pin_portable_target(0);
-  }
-};
+// The kernel set that runs a path's decoders.
+KernelSet kernels_of(const DecoderPath& p) {
+  KernelSet ks;
+  ks.decoders = p.decoders;
+  ks.portable_target = p.target;
+  ks = resolve_kernels(ks);
+  EXPECT_EQ(ks.decoders, p.decoders) << p.name;
+  return ks;
+}
 
 // The codecs' decode and the scalar rotation: the reference.
-struct ReferenceScope {
-  ReferenceScope() { set_attention_scalar(true); }
-  ~ReferenceScope() { set_attention_scalar(false); }
-};
+KernelSet reference_kernels() {
+  KernelSet ks;
+  ks.scalar_attention = true;
+  return resolve_kernels(ks);
+}
 
 // Layouts each portable decoder must take itself (not hand to the codec).
 #if defined(__x86_64__)
@@ -138,7 +138,7 @@ std::vector<float> random_angles(int half, std::mt19937& rng) {
 TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
   for (const DecoderPath& path : decoder_paths()) {
     SCOPED_TRACE(path.name);
-    const DecoderScope scope(path);
+    const KernelSet ks = kernels_of(path);
     std::mt19937 rng(7);
     for (const KvFormat& f : kv_format_table()) {
       // 16 x 128: a row whose 1 % outliers (22 a slot) take two hit lists.
@@ -154,10 +154,10 @@ TEST(KvDecode, FastTilesMatchTheCodecBitForBit) {
             for (int head = 0; head < g.n_kv_heads; ++head) {
               std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
               codec->decode(page.data(), head, n, want.data());
-              kv_decode_tile(*codec, page.data(), head, n, got.data());
+              kv_decode_tile(ks, codec->layout(), page.data(), head, n, got.data());
               if (path.decoders == TileDecoders::portable && portable_decodes(f, hd)) {
                 std::vector<float> own(want.size(), 0.0f);
-                ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, n, own.data()))
+                ASSERT_TRUE(simd::kv_decode_tile_portable(path.target, codec->layout(), page.data(), head, n, own.data()))
                     << f.name << " hd=" << hd << ": the portable decoder left it to the codec";
               }
 #if defined(__x86_64__)
@@ -190,22 +190,20 @@ TEST(KvDecode, PortableBaselineLeavesTilesToTheCodecs) {
   const KvGeometry g{3, 64};
   std::mt19937 rng(9);
   int checked = 0;
-  for (int64_t t : attn::portable_targets()) {
+  for (int64_t t : portable_targets()) {
     if (!is_baseline(t)) continue;
-    attn::pin_portable_target(t);
     for (const char* name : {"f16", "q8_0", "nuq4-1%", "int3"}) {
       const KvFormat& f = kv_format(name);
       const KvTensorCalibration cal = make_cal(f, g.row(), rng);
       const auto codec = make_kv_codec(f, KvRole::key, g, &cal);
       std::vector<uint8_t> page(codec->page_bytes(), 0);
       std::vector<float> tile(size_t(g.head_dim) * kKvPageTokens), cs(size_t(g.head_dim) * kKvPageTokens, 1.0f);
-      EXPECT_FALSE(simd::kv_decode_tile_portable(codec->layout(), page.data(), 0, 8, tile.data())) << name;
-      EXPECT_FALSE(simd::kv_decode_rotate_keys_portable(codec->layout(), page.data(), 0, 8, tile.data(), cs.data(),
+      EXPECT_FALSE(simd::kv_decode_tile_portable(t, codec->layout(), page.data(), 0, 8, tile.data())) << name;
+      EXPECT_FALSE(simd::kv_decode_rotate_keys_portable(t, codec->layout(), page.data(), 0, 8, tile.data(), cs.data(),
                                                         g.head_dim / 2, false))
           << name;
       ++checked;
     }
-    attn::pin_portable_target(0);
   }
   EXPECT_GT(checked, 0) << "no one-lane baseline target compiled in";
 }
@@ -221,14 +219,13 @@ TEST(KvDecode, PortableHalfConversionIsExact) {
   for (const DecoderPath& path : decoder_paths()) {
     if (path.decoders != TileDecoders::portable) continue;
     SCOPED_TRACE(path.name);
-    const DecoderScope scope(path);
     for (uint32_t h0 = 0; h0 < 65536; h0 += uint32_t(per_head) * 3) {
       for (int i = 0; i < 3 * per_head; ++i) {
         const uint16_t h = uint16_t(h0 + uint32_t(i));
         std::memcpy(page.data() + 2 * i, &h, 2);
       }
       for (int head = 0; head < 3; ++head) {
-        ASSERT_TRUE(simd::kv_decode_tile_portable(codec->layout(), page.data(), head, kKvPageTokens, tile.data()));
+        ASSERT_TRUE(simd::kv_decode_tile_portable(path.target, codec->layout(), page.data(), head, kKvPageTokens, tile.data()));
         for (int i = 0; i < per_head; ++i) {
           const uint16_t h = uint16_t(h0 + uint32_t(head * per_head + i));
           const float want = fp16_to_f32(h);
@@ -243,7 +240,7 @@ TEST(KvDecode, PortableHalfConversionIsExact) {
 TEST(KvDecode, RotationMatchesScalarBitForBit) {
   for (const DecoderPath& path : decoder_paths()) {
     SCOPED_TRACE(path.name);
-    const DecoderScope scope(path);
+    const KernelSet ks = kernels_of(path);
     std::mt19937 rng(3);
     std::uniform_real_distribution<float> u(-2.0f, 2.0f);
     for (int hd : {64, 32, 80, 128}) {
@@ -255,11 +252,8 @@ TEST(KvDecode, RotationMatchesScalarBitForBit) {
             for (auto& x : cs) x = u(rng);
             for (auto& x : kt) x = u(rng);
             std::vector<float> want = kt, got = kt;
-            {
-              const ReferenceScope reference;
-              kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
-            }
-            kv_rotate_key_tile(got.data(), n, cs.data(), half, neox);
+            kv_rotate_key_tile(reference_kernels(), want.data(), n, cs.data(), half, neox);
+            kv_rotate_key_tile(ks, got.data(), n, cs.data(), half, neox);
             for (int d = 0; d < hd; ++d)
               for (int j = 0; j < n; ++j) {
                 const size_t i = size_t(d) * kKvPageTokens + j;
@@ -279,7 +273,7 @@ TEST(KvDecode, RotationMatchesScalarBitForBit) {
 TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
   for (const DecoderPath& path : decoder_paths()) {
     SCOPED_TRACE(path.name);
-    const DecoderScope scope(path);
+    const KernelSet ks = kernels_of(path);
     std::mt19937 rng(5);
     int checked = 0;
     for (const KvFormat& f : kv_format_table()) {
@@ -296,8 +290,8 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
               const std::vector<uint8_t> page = random_page(*codec, g, n, rng);
               for (int head = 0; head < g.n_kv_heads; ++head) {
                 std::vector<float> want(size_t(hd) * kKvPageTokens, 0.0f), got(want.size(), 0.0f);
-                kv_decode_tile(*codec, page.data(), head, n, want.data());
-                kv_rotate_key_tile(want.data(), n, cs.data(), half, neox);
+                kv_decode_tile(ks, codec->layout(), page.data(), head, n, want.data());
+                kv_rotate_key_tile(ks, want.data(), n, cs.data(), half, neox);
                 // AVX2 fuses every bit width (and takes what AVX-512 does not:
                 // 8 bits); the portable and AVX-512 decoders up to 4 bits.
                 const bool fused = path.decoders == TileDecoders::avx2 || path.decoders == TileDecoders::avx512 ||
@@ -310,7 +304,7 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
                       << f.name << ": the AVX-512 fused decoder left it to AVX2's";
                 }
 #endif
-                ASSERT_EQ(kv_decode_rotate_keys(*codec, page.data(), head, n, got.data(), cs.data(), half, neox), fused)
+                ASSERT_EQ(kv_decode_rotate_keys(ks, codec->layout(), page.data(), head, n, got.data(), cs.data(), half, neox), fused)
                     << f.name;
                 if (!fused) continue;
                 float mx = 0;
@@ -341,7 +335,7 @@ TEST(KvDecode, FusedKeyDecodeRotateMatchesStages) {
 TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
   for (const DecoderPath& path : decoder_paths()) {
     SCOPED_TRACE(path.name);
-    const DecoderScope scope(path);
+    const KernelSet ks = kernels_of(path);
     std::mt19937 rng(9);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     int checked = 0;
@@ -366,17 +360,17 @@ TEST(KvDecode, KeysScoredInDecodeMatchDecodeThenDot) {
                   std::vector<float> q(size_t(rows) * hd);
                   for (auto& x : q) x = nd(rng);
                   std::vector<float> got(size_t(rows) * kKvPageTokens, 0.0f);
-                  ASSERT_EQ(kv_score_rotated_keys(*codec, page.data(), head, n, cs.data(), half, neox, q.data(), rows,
+                  ASSERT_EQ(kv_score_rotated_keys(ks, codec->layout(), page.data(), head, n, cs.data(), half, neox, q.data(), rows,
                                                   got.data()),
                             scores && rows <= 4)
                       << f.name << " rows=" << rows;
                   // The up-front answer callers decide by says the same.
-                  ASSERT_EQ(kv_scores_rotated_keys(*codec, rows), scores && rows <= 4) << f.name << " rows=" << rows;
+                  ASSERT_EQ(kv_scores_rotated_keys(ks, codec->layout(), rows), scores && rows <= 4) << f.name << " rows=" << rows;
                   if (!scores || rows > 4) continue;
                   std::vector<float> kt(size_t(hd) * kKvPageTokens, 0.0f);
-                  if (!kv_decode_rotate_keys(*codec, page.data(), head, n, kt.data(), cs.data(), half, neox)) {
-                    kv_decode_tile(*codec, page.data(), head, n, kt.data());
-                    kv_rotate_key_tile(kt.data(), n, cs.data(), half, neox);
+                  if (!kv_decode_rotate_keys(ks, codec->layout(), page.data(), head, n, kt.data(), cs.data(), half, neox)) {
+                    kv_decode_tile(ks, codec->layout(), page.data(), head, n, kt.data());
+                    kv_rotate_key_tile(ks, kt.data(), n, cs.data(), half, neox);
                   }
                   for (int r = 0; r < rows; ++r)
                     for (int j = 0; j < n; ++j) {
@@ -439,18 +433,13 @@ TEST(KvDecode, CacheViewTilesSameOnBothPaths) {
       const KvLayerView view = cache.view(0);
       for (int64_t p = 0; p < 3; ++p)
         for (int h = 0; h < 2; ++h)
-          for (int64_t fp_from : {kKvNoWindow, view.window_from(pos.back())}) {
+          for (int64_t fp_from : {kKvNoWindow, kv_window_from(view, pos.back())}) {
             std::vector<float> kw(64 * 64, 0.0f), vw(64 * 64, 0.0f), kg(64 * 64, 0.0f), vg(64 * 64, 0.0f);
-            {
-              const ReferenceScope reference;
-              view.decode_keys(p, h, kw.data(), fp_from);
-              view.decode_values(p, h, vw.data(), fp_from);
-            }
-            {
-              const DecoderScope scope(path);
-              view.decode_keys(p, h, kg.data(), fp_from);
-              view.decode_values(p, h, vg.data(), fp_from);
-            }
+            const KernelSet ref = reference_kernels(), ks = kernels_of(path);
+            kv_decode_key_tile(ref, view, p, h, kw.data(), fp_from);
+            kv_decode_value_tile(ref, view, p, h, vw.data(), fp_from);
+            kv_decode_key_tile(ks, view, p, h, kg.data(), fp_from);
+            kv_decode_value_tile(ks, view, p, h, vg.data(), fp_from);
             const int m = view.page_tokens(p);
             // Pre-RoPE keys of pages without full-precision slots take the fused
             // decode+rotate kernel: equal up to the rounding of adding the rotated

@@ -15,6 +15,7 @@
 #include "base/fp16.h"
 #include "formats/kv_format.h"
 #include "kernels/cpu/rope.h"
+#include "kernels/cpu/kv_tile.h"
 #include "kvcache/kv_cache.h"
 #include "kvq/error.h"
 
@@ -73,13 +74,13 @@ void append_random(KvCache& cache, const std::vector<int32_t>& pos, uint32_t see
 float read_k(const KvLayerView& kv, int64_t i, int h, int d) {
   const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
   std::vector<float> tile(size_t(kv.head_dim) * kKvPageTokens);
-  kv.decode_keys(page, h, tile.data());
+  kv_decode_key_tile(resolve_kernels({}), kv, page, h, tile.data());
   return tile[size_t(d * kKvPageTokens + j)];
 }
 float read_v(const KvLayerView& kv, int64_t i, int h, int d) {
   const int64_t page = i / kKvPageTokens, j = i % kKvPageTokens;
   std::vector<float> tile(size_t(kv.head_dim) * kKvPageTokens);
-  kv.decode_values(page, h, tile.data());
+  kv_decode_value_tile(resolve_kernels({}), kv, page, h, tile.data());
   return tile[size_t(j * kv.head_dim + d)];
 }
 
@@ -306,8 +307,7 @@ TEST(KvCache, ViewLayoutOffsets) {
   // keys channel-major, then the values' blocks token-major.
   const uint64_t head_bytes = uint64_t(hd) * kKvPageTokens * 4;
   EXPECT_EQ(kv.v_offset, head_bytes * n_kv);
-  EXPECT_EQ(kv.k_codec->page_bytes(), head_bytes * n_kv);
-  EXPECT_EQ(kv.v_codec->page_bytes(), head_bytes * n_kv);
+  EXPECT_EQ(kv.page_bytes, 2 * head_bytes * n_kv);
   EXPECT_NE(kv.pages[0], kv.pages[1]);
   auto k_block = [&](int64_t p, int h) { return kv.pages[p] + h * head_bytes; };
   auto v_block = [&](int64_t p, int h) { return kv.pages[p] + kv.v_offset + h * head_bytes; };

@@ -25,6 +25,10 @@
 namespace kvq {
 namespace {
 
+// The kernels a test runs unless it loops over levels itself.
+const SimdLevel simd = detected_simd_level();
+
+
 using Vec = std::vector<double>;
 
 Vec random_vec(size_t n, std::mt19937& rng, double sd = 1.0) {
@@ -157,19 +161,19 @@ TEST(LlamaBackward, SwigluAndMlpMatchFiniteDifferences) {
   const Vec x = random_vec(n * d, rng), dy = random_vec(n * d, rng);
   auto f = [&](const Vec& xx) {
     Vec a(n * ff), b(n * ff), h(n * ff), y(n * d);
-    linear_fwd(Wg, xx.data(), a.data(), n, pool);
-    linear_fwd(Wu, xx.data(), b.data(), n, pool);
+    linear_fwd(Wg, xx.data(), a.data(), n, pool, simd);
+    linear_fwd(Wu, xx.data(), b.data(), n, pool, simd);
     swiglu_fwd(a.data(), b.data(), h.data(), n * ff);
-    linear_fwd(Wd, h.data(), y.data(), n, pool);
+    linear_fwd(Wd, h.data(), y.data(), n, pool, simd);
     return dot(y, dy);
   };
   Vec a(n * ff), b(n * ff), dhh(n * ff), da(n * ff), db(n * ff), dx(n * d);
-  linear_fwd(Wg, x.data(), a.data(), n, pool);
-  linear_fwd(Wu, x.data(), b.data(), n, pool);
-  linear_bwd(Wd, dy.data(), dhh.data(), n, false, pool);
+  linear_fwd(Wg, x.data(), a.data(), n, pool, simd);
+  linear_fwd(Wu, x.data(), b.data(), n, pool, simd);
+  linear_bwd(Wd, dy.data(), dhh.data(), n, false, pool, simd);
   swiglu_bwd(a.data(), b.data(), dhh.data(), da.data(), db.data(), n * ff);
-  linear_bwd(Wg, da.data(), dx.data(), n, false, pool);
-  linear_bwd(Wu, db.data(), dx.data(), n, true, pool);
+  linear_bwd(Wg, da.data(), dx.data(), n, false, pool, simd);
+  linear_bwd(Wu, db.data(), dx.data(), n, true, pool, simd);
   const double em = rel_error(dx, numeric_grad(x, f));
   report("mlp (swiglu + 3 linears)", em);
   EXPECT_LT(em, 1e-8);
@@ -196,9 +200,8 @@ TEST(LlamaBackward, LinearBackwardOfQuantizedWeights) {
   for (float& v : f24) v = nd(rng);
   for (float& v : f20) v = nd(rng);
   const WeightView W24{GgmlType::F32, rows, 24, f24.data(), 24 * 4}, W20{GgmlType::F32, rows, 20, f20.data(), 20 * 4};
-  const SimdLevel saved = simd_level();
   for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
-    set_simd_level(level);
+    const SimdLevel simd = std::min(level, detected_simd_level());
     for (const auto& [Wt, ref_w] : {std::pair{W, deq.data()}, std::pair{W24, f24.data()}, std::pair{W20, f20.data()}})
       for (int threads : {1, 3})
         for (int n : {1, 5, 9}) {
@@ -206,7 +209,7 @@ TEST(LlamaBackward, LinearBackwardOfQuantizedWeights) {
           ThreadPool pool(threads);
           std::vector<float> dy(size_t(n * rows)), dx(size_t(n * c_n), 7.0f);
           for (float& v : dy) v = nd(rng);
-          linear_bwd(Wt, dy.data(), dx.data(), n, false, pool);
+          linear_bwd(Wt, dy.data(), dx.data(), n, false, pool, simd);
           double err = 0;
           for (int t = 0; t < n; ++t)
             for (int64_t c = 0; c < c_n; ++c) {
@@ -215,10 +218,9 @@ TEST(LlamaBackward, LinearBackwardOfQuantizedWeights) {
               err = std::max(err, std::abs(ref - dx[size_t(t * c_n + c)]) / (1 + std::abs(ref)));
             }
           EXPECT_LT(err, 1e-5) << "cols " << c_n << " n " << n << " threads " << threads << " simd "
-                               << simd_level_name(simd_level());
+                               << simd_level_name(simd);
         }
   }
-  set_simd_level(saved);
 }
 
 TEST(LlamaBackward, AttentionMatchesFiniteDifferences) {
@@ -229,11 +231,11 @@ TEST(LlamaBackward, AttentionMatchesFiniteDifferences) {
   const Vec q = random_vec(qn, rng), k = random_vec(kn, rng), v = random_vec(kn, rng), d_o = random_vec(qn, rng);
   auto loss = [&](const Vec& qq, const Vec& kk, const Vec& vv) {
     Vec o(qn), lse(size_t(s.n * s.n_head));
-    attention_fwd(s, qq.data(), kk.data(), vv.data(), o.data(), lse.data(), pool);
+    attention_fwd(s, qq.data(), kk.data(), vv.data(), o.data(), lse.data(), pool, simd);
     return dot(o, d_o);
   };
   Vec o(qn), lse(size_t(s.n * s.n_head)), dq(qn), dk(kn), dv(kn);
-  attention_fwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), pool);
+  attention_fwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), pool, simd);
   // The forward against a direct softmax.
   for (int h = 0; h < s.n_head; ++h)
     for (int64_t i = 0; i < s.n; ++i) {
@@ -253,7 +255,7 @@ TEST(LlamaBackward, AttentionMatchesFiniteDifferences) {
         EXPECT_NEAR(o[size_t((i * 4 + h) * 4 + d)], ref, 1e-12);
       }
     }
-  attention_bwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(), dv.data(), pool);
+  attention_bwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(), dv.data(), pool, simd);
   const double eq = rel_error(dq, numeric_grad(q, [&](const Vec& x) { return loss(x, k, v); }));
   const double ek = rel_error(dk, numeric_grad(k, [&](const Vec& x) { return loss(q, x, v); }));
   const double ev = rel_error(dv, numeric_grad(v, [&](const Vec& x) { return loss(q, k, x); }));
@@ -275,12 +277,12 @@ TEST(LlamaBackward, AttentionOverSeveralRowBlocksAndKeyTiles) {
   const Vec q = random_vec(qn, rng, 1.5), k = random_vec(kn, rng, 1.5), v = random_vec(kn, rng), d_o = random_vec(qn, rng);
   auto loss = [&](const Vec& qq, const Vec& kk, const Vec& vv) {
     Vec o(qn), lse(size_t(s.n * s.n_head));
-    attention_fwd(s, qq.data(), kk.data(), vv.data(), o.data(), lse.data(), pool);
+    attention_fwd(s, qq.data(), kk.data(), vv.data(), o.data(), lse.data(), pool, simd);
     return dot(o, d_o);
   };
   Vec o(qn), lse(size_t(s.n * s.n_head)), dq(qn), dk(kn), dv(kn);
-  attention_fwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), pool);
-  attention_bwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(), dv.data(), pool);
+  attention_fwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), pool, simd);
+  attention_bwd(s, q.data(), k.data(), v.data(), o.data(), lse.data(), d_o.data(), dq.data(), dk.data(), dv.data(), pool, simd);
   const Vec* grads[3] = {&dq, &dk, &dv};
   const char* names[3] = {"dQ", "dK", "dV"};
   for (int which = 0; which < 3; ++which) {
@@ -303,21 +305,19 @@ TEST(LlamaBackward, AttentionOverSeveralRowBlocksAndKeyTiles) {
     report(std::string("attention n=150 (sampled) ") + names[which], err);
     EXPECT_LT(err, 1e-7);
   }
-  const SimdLevel saved = simd_level();
   for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
-    set_simd_level(level);
+    const SimdLevel simd = std::min(level, detected_simd_level());
     auto f32 = [](const Vec& x) { return std::vector<float>(x.begin(), x.end()); };
     const auto qf = f32(q), kf = f32(k), vf = f32(v), dof = f32(d_o);
     std::vector<float> of(qn), lf(size_t(s.n * s.n_head)), dqf(qn), dkf(kn), dvf(kn);
-    attention_fwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), pool);
-    attention_bwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), dof.data(), dqf.data(), dkf.data(), dvf.data(), pool);
+    attention_fwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), pool, simd);
+    attention_bwd(s, qf.data(), kf.data(), vf.data(), of.data(), lf.data(), dof.data(), dqf.data(), dkf.data(), dvf.data(), pool, simd);
     auto vec = [](const std::vector<float>& x) { return Vec(x.begin(), x.end()); };
     EXPECT_LT(rel_error(vec(of), o), 1e-5);
     EXPECT_LT(rel_error(vec(dqf), dq), 1e-4);
     EXPECT_LT(rel_error(vec(dkf), dk), 1e-4);
     EXPECT_LT(rel_error(vec(dvf), dv), 1e-4);
   }
-  set_simd_level(saved);
 }
 
 // A tiny random llama with F32 weights: d=16, 4 heads / 2 KV heads of 4, 2 layers,
@@ -346,7 +346,7 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
     std::vector<Vec> K(size_t(hp.n_layer)), V(K.size()), dK(K.size()), dV(K.size());
     int calls = 0, expect_layer = hp.n_layer - 1;
     const double loss = llama_window_kv_grads<double>(
-        tiny.model, kTokens.data(), n, pool, [&](int l, const double* k, const double* v, const double* dk, const double* dv) {
+        tiny.model, kTokens.data(), n, pool, simd, [&](int l, const double* k, const double* v, const double* dk, const double* dv) {
           EXPECT_EQ(l, expect_layer--);
           ++calls;
           K[size_t(l)].assign(k, k + n * kvd);
@@ -355,7 +355,7 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
           dV[size_t(l)].assign(dv, dv + n * kvd);
         });
     EXPECT_EQ(calls, hp.n_layer);
-    EXPECT_NEAR(loss, llama_window_loss<double>(tiny.model, kTokens.data(), n, pool), 1e-12 * std::abs(loss));
+    EXPECT_NEAR(loss, llama_window_loss<double>(tiny.model, kTokens.data(), n, pool, simd), 1e-12 * std::abs(loss));
     EXPECT_GT(loss, 0);
     for (int l = 0; l < hp.n_layer; ++l)
       for (int which = 0; which < 2; ++which) {
@@ -363,7 +363,7 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
         Vec num(size_t(n * kvd));
         for (size_t e = 0; e < num.size(); ++e) {
           auto at = [&](double delta) {
-            return llama_window_loss<double>(tiny.model, kTokens.data(), n, one, [&](int li, double* k, double* v) {
+            return llama_window_loss<double>(tiny.model, kTokens.data(), n, one, simd, [&](int li, double* k, double* v) {
               if (li == l) (which == 0 ? k : v)[e] += delta;
             });
           };
@@ -384,16 +384,15 @@ TEST(LlamaBackward, WholeModelKvGradientsMatchFiniteDifferences) {
 
 TEST(LlamaBackward, FloatPathAgreesWithDoubleAndIsDeterministic) {
   // Both kernel paths (scalar, AVX2 where the CPU has it).
-  const SimdLevel saved = simd_level();
   for (SimdLevel level : {SimdLevel::scalar, SimdLevel::avx2}) {
-  set_simd_level(level);
+  const SimdLevel simd = std::min(level, detected_simd_level());
   TinyLlama tiny(true, 11);
   const LlamaHparams& hp = tiny.model.hparams();
   const int64_t n = int64_t(kTokens.size());
   const int kvd = hp.kv_dim();
   ThreadPool p1(1), p3(3);
   std::vector<Vec> dd(size_t(hp.n_layer));
-  llama_window_kv_grads<double>(tiny.model, kTokens.data(), n, p1, [&](int l, const double*, const double*, const double* dk, const double* dv) {
+  llama_window_kv_grads<double>(tiny.model, kTokens.data(), n, p1, simd, [&](int l, const double*, const double*, const double* dk, const double* dv) {
     dd[size_t(l)].assign(dk, dk + n * kvd);
     dd[size_t(l)].insert(dd[size_t(l)].end(), dv, dv + n * kvd);
   });
@@ -404,27 +403,26 @@ TEST(LlamaBackward, FloatPathAgreesWithDoubleAndIsDeterministic) {
       out[size_t(l)].insert(out[size_t(l)].end(), dv, dv + n * kvd);
     };
   };
-  const double l1 = llama_window_kv_grads<float>(tiny.model, kTokens.data(), n, p1, grab(f1));
-  const double l3 = llama_window_kv_grads<float>(tiny.model, kTokens.data(), n, p3, grab(f3));
+  const double l1 = llama_window_kv_grads<float>(tiny.model, kTokens.data(), n, p1, simd, grab(f1));
+  const double l3 = llama_window_kv_grads<float>(tiny.model, kTokens.data(), n, p3, simd, grab(f3));
   EXPECT_EQ(l1, l3);
   for (int l = 0; l < hp.n_layer; ++l) {
     EXPECT_EQ(f1[size_t(l)], f3[size_t(l)]) << "layer " << l << ": thread count changed the gradients";
     const Vec fl(f1[size_t(l)].begin(), f1[size_t(l)].end());
     const double err = rel_error(fl, dd[size_t(l)]);
-    report(std::string("float vs double (") + simd_level_name(simd_level()) + "), layer " + std::to_string(l), err);
+    report(std::string("float vs double (") + simd_level_name(simd) + "), layer " + std::to_string(l), err);
     EXPECT_LT(err, 1e-4);
   }
   }
-  set_simd_level(saved);
 }
 
 TEST(LlamaBackward, RejectsTooShortWindowsAndBadTokens) {
   TinyLlama tiny;
   ThreadPool pool(1);
   const int32_t one = 1;
-  EXPECT_THROW(llama_window_kv_grads<float>(tiny.model, &one, 1, pool, {}), Error);
+  EXPECT_THROW(llama_window_kv_grads<float>(tiny.model, &one, 1, pool, simd, {}), Error);
   const std::vector<int32_t> bad = {1, 11};
-  EXPECT_THROW(llama_window_loss<float>(tiny.model, bad.data(), 2, pool), Error);
+  EXPECT_THROW(llama_window_loss<float>(tiny.model, bad.data(), 2, pool, simd), Error);
 }
 
 }  // namespace

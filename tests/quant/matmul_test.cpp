@@ -1,6 +1,6 @@
 // Fast kernels (dequantize_row / quantize_row / vec_dot / matmul) against the
-// scalar references, at awkward sizes. The reference path is selected with
-// set_simd_level(SimdLevel::scalar); the fast path is the detected level.
+// scalar references, at awkward sizes. The reference path is the one at
+// SimdLevel::scalar; the fast path the detected level.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -20,10 +20,7 @@ namespace {
 
 using T = GgmlType;
 
-struct ScalarScope {
-  ScalarScope() { set_simd_level(SimdLevel::scalar); }
-  ~ScalarScope() { set_simd_level(detected_simd_level()); }
-};
+const SimdLevel kFast = detected_simd_level();
 
 const QuantTraits& tr(T t) {
   const QuantTraits* p = quant_traits(t);
@@ -244,7 +241,7 @@ TEST(MatmulKernels, QuantizeRowBitIdentical) {
       for (int variant = 0; variant < 5; ++variant) {
         const auto x = tricky_floats(n, rng, variant);
         std::vector<uint8_t> fast(row_bytes(t, n)), ref(row_bytes(t, n));
-        quantize_row(t, x.data(), fast.data(), n);
+        quantize_row(t, x.data(), fast.data(), n, kFast);
         tr(t).from_float_ref(x.data(), ref.data(), n);
         EXPECT_EQ(0, std::memcmp(fast.data(), ref.data(), ref.size()))
             << ggml_type_name(t) << " n=" << n << " variant=" << variant;
@@ -261,7 +258,7 @@ TEST(MatmulKernels, DequantizeRowBitIdentical) {
     for (int64_t n : cols_for(t)) {
       const auto row = random_row(t, n, rng);
       std::vector<float> fast(static_cast<size_t>(n)), ref(static_cast<size_t>(n));
-      dequantize_row(t, row.data(), fast.data(), n);
+      dequantize_row(t, row.data(), fast.data(), n, kFast);
       tr(t).to_float_ref(row.data(), ref.data(), n);
       EXPECT_EQ(0, std::memcmp(fast.data(), ref.data(), ref.size() * 4)) << ggml_type_name(t) << " n=" << n;
     }
@@ -277,7 +274,7 @@ TEST(MatmulKernels, VecDotWithinBound) {
         const auto w = random_row(t, n, rng);
         const auto a = activation_row(tr(t).vec_dot_type, n, rng, false);
         const float ref = tr(t).vec_dot_ref(n, w.data(), a.data());
-        const float fast = vec_dot(t, n, w.data(), a.data());
+        const float fast = vec_dot(t, n, w.data(), a.data(), kFast);
         EXPECT_NEAR(fast, ref, tolerance(t, w.data(), a.data(), n)) << ggml_type_name(t) << " n=" << n;
       }
 }
@@ -291,7 +288,7 @@ TEST(MatmulKernels, VecDotIntegerExact) {
       for (int rep = 0; rep < 4; ++rep) {
         const auto w = random_row(t, n, rng, true);
         const auto a = activation_row(tr(t).vec_dot_type, n, rng, true);
-        EXPECT_EQ(vec_dot(t, n, w.data(), a.data()), tr(t).vec_dot_ref(n, w.data(), a.data()))
+        EXPECT_EQ(vec_dot(t, n, w.data(), a.data(), kFast), tr(t).vec_dot_ref(n, w.data(), a.data()))
             << ggml_type_name(t) << " n=" << n;
       }
 }
@@ -309,12 +306,9 @@ void check_matmul(T t, int64_t rows, int64_t cols, int64_t tokens, uint64_t pad,
   const auto x = random_floats(cols * tokens, rng);
   std::vector<float> y_fast(size_t(rows * tokens), -1.0f), y_ref(size_t(rows * tokens), -2.0f),
       y_scalar(size_t(rows * tokens), -3.0f);
-  matmul(w, x.data(), y_fast.data(), tokens, pool);
+  matmul(w, x.data(), y_fast.data(), tokens, pool, kFast);
   matmul_ref(w, x.data(), y_ref.data(), tokens);
-  {
-    ScalarScope scalar;
-    matmul(w, x.data(), y_scalar.data(), tokens, pool);
-  }
+  matmul(w, x.data(), y_scalar.data(), tokens, pool, SimdLevel::scalar);
   const T at = tr(t).vec_dot_type;
   std::vector<uint8_t> a(row_bytes(at, cols));
   for (int64_t tk = 0; tk < tokens; ++tk) {
@@ -386,9 +380,9 @@ TEST(MatmulKernels, SharedInputEqualsSeparateCalls) {
         fused[i].assign(size_t(rows[i] * tokens), -1.0f);
         separate[i].assign(size_t(rows[i] * tokens), -2.0f);
         outs[i] = {&w[i], fused[i].data()};
-        matmul(w[i], x.data(), separate[i].data(), tokens, pool);
+        matmul(w[i], x.data(), separate[i].data(), tokens, pool, kFast);
       }
-      matmul_shared_input(outs, 3, x.data(), tokens, tokens % 2 ? pool3 : pool);
+      matmul_shared_input(outs, 3, x.data(), tokens, tokens % 2 ? pool3 : pool, kFast);
       for (int i = 0; i < 3; ++i)
         for (size_t j = 0; j < fused[i].size(); ++j)
           ASSERT_EQ(fused[i][j], separate[i][j]) << ggml_type_name(t) << " tokens=" << tokens << " out " << i << " at " << j;

@@ -836,7 +836,6 @@ TEST(QuantFixture, DequantMatchesPython) {
   const gguf::File f = gguf::File::open(path);
   const auto n_expected = f.get_int("kvq.quant_fixture.n_dequant");
   ASSERT_TRUE(n_expected.has_value());
-  const SimdLevel saved = simd_level();
   int checked = 0;
   for (const auto& t : f.tensors()) {
     if (ends_with(t.name, ".expected") || ends_with(t.name, ".input")) continue;
@@ -860,13 +859,11 @@ TEST(QuantFixture, DequantMatchesPython) {
 
     // The dispatched path, at every SIMD level this CPU has.
     for (int lv = 0; lv <= int(detected_simd_level()); ++lv) {
-      set_simd_level(SimdLevel(lv));
       std::fill(got.begin(), got.end(), -12345.0f);
       for (int64_t r = 0; r < n / row; ++r)
-        dequantize_row(t.type, t.data + size_t(r) * rb, got.data() + r * row, row);
+        dequantize_row(t.type, t.data + size_t(r) * rb, got.data() + r * row, row, SimdLevel(lv));
       EXPECT_TRUE(same_bits(got, want)) << "dequantize_row at " << simd_level_name(SimdLevel(lv));
     }
-    set_simd_level(saved);
     ++checked;
   }
   EXPECT_EQ(checked, *n_expected);

@@ -52,7 +52,7 @@ struct TinyRun {
 
   // Every position's logits: prefill of n_prompt tokens in chunks of 40, then
   // one token at a time.
-  std::vector<float> logits(const KvFormat& f, int64_t n_prompt) {
+  std::vector<float> logits(const KvFormat& f, int64_t n_prompt, const KernelSet& kernels = resolve_kernels({})) {
     KvCacheConfig cfg = model_cache_config(model.hparams(), kCtx, f.name, f.name);
     if (f.needs_calibration(KvRole::key)) cfg.k_calibration.assign(1, k_cal);
     if (f.needs_calibration(KvRole::value)) cfg.v_calibration.assign(1, v_cal);
@@ -63,7 +63,7 @@ struct TinyRun {
       std::vector<int32_t> pos(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i) pos[size_t(i)] = int32_t(b0 + i);
       cache.begin_batch(pos);
-      model.forward(tokens.data() + b0, pos.data(), n, 0, cache, scratch, pool,
+      model.forward(tokens.data() + b0, pos.data(), n, 0, cache, scratch, pool, kernels,
                     [&](int64_t, const float* l) { out.insert(out.end(), l, l + kVocab); });
       cache.end_batch();
     };
@@ -97,7 +97,7 @@ TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
     for (size_t i = 0; i < pos.size(); ++i) pos[i] = int32_t(i);
     cache.begin_batch(pos);
     model.forward(run.tokens.data(), pos.data(), int64_t(pos.size()), int64_t(pos.size()) - 1, cache, scratch, run.pool,
-                  [](int64_t, const float*) {});
+                  resolve_kernels({}), [](int64_t, const float*) {});
     cache.end_batch();
     for (int c = 0; c < row; ++c) {
       run.k_cal.lower.push_back(-0.8f * amax[size_t(c)]);
@@ -118,23 +118,18 @@ TEST(AttentionPaths, OneLayerF32ModelFastEqualsScalarForEveryFormat) {
     // The portable (Highway) tile step at this CPU's best target, beside the AVX2
     // decoders (as on an AVX-512 CPU) and beside the portable decoders (as on a
     // CPU without AVX2: Arm, older x86).
-    set_attention_kernel(AttentionKernel::portable);
-    const std::vector<float> portable = run.logits(f, n_prompt);
-    set_tile_decoders(TileDecoders::portable);
-    const std::vector<float> portable_all = run.logits(f, n_prompt);
-    set_tile_decoders(TileDecoders::automatic);
-    set_attention_kernel(AttentionKernel::automatic);
+    KernelSet portable_step;
+    portable_step.attention = AttentionKernel::portable;
+    const std::vector<float> portable = run.logits(f, n_prompt, resolve_kernels(portable_step));
+    portable_step.decoders = TileDecoders::portable;
+    const std::vector<float> portable_all = run.logits(f, n_prompt, resolve_kernels(portable_step));
     // On an AVX-512 CPU "fast" is the AVX-512 kernel and decoders: also what an
     // AVX2 CPU runs.
     std::vector<float> avx2 = fast;
-    if (detected_simd_level() >= SimdLevel::avx512) {
-      set_simd_level(SimdLevel::avx2);
-      avx2 = run.logits(f, n_prompt);
-      set_simd_level(detected_simd_level());
-    }
-    set_attention_scalar(true);
-    const std::vector<float> ref = run.logits(f, n_prompt);
-    set_attention_scalar(false);
+    if (detected_simd_level() >= SimdLevel::avx512) avx2 = run.logits(f, n_prompt, kernels_at(SimdLevel::avx2));
+    KernelSet scalar;
+    scalar.scalar_attention = true;
+    const std::vector<float> ref = run.logits(f, n_prompt, resolve_kernels(scalar));
     ASSERT_EQ(ref.size(), run.tokens.size() * size_t(kVocab)) << f.name;
     for (const auto& [name, got] : {std::pair<const char*, const std::vector<float>&>{"fast", fast},
                                     {"avx2", avx2},

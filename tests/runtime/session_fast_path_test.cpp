@@ -1,6 +1,7 @@
 // Whole-model check of the fast attention path (AVX2 tile decode stages and
 // tile steps) against the scalar reference path (scalar codecs and tile steps,
-// via set_attention_scalar(); the weight matmuls are the same on both runs),
+// SessionParams::attention_kernel = "scalar"; the weight matmuls are the same
+// on both runs),
 // through the quantized caches: a prompt prefilled in chunks (prefill path,
 // with a cached prefix) then tokens decoded one at a time.
 //
@@ -28,23 +29,18 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cpu/kv_decode.h"
 #include "kvq/kvq.h"
 #include "test_util.h"
 
 namespace kvq {
 namespace {
 
-struct ScalarAttention {
-  ScalarAttention() { set_attention_scalar(true); }
-  ~ScalarAttention() { set_attention_scalar(false); }
-};
-
 // log p(token[i + 1] | tokens[0..i]) for every i: prefill in chunks, then decode.
 std::vector<double> next_token_logprobs(const std::shared_ptr<const Model>& model, const std::string& fmt,
                                         const std::vector<int32_t>& tokens, int64_t n_prompt,
-                                        const std::string& sidecar) {
+                                        const std::string& sidecar, const std::string& attention_kernel = "auto") {
   SessionParams p;
+  p.attention_kernel = attention_kernel;
   p.kv_calibration = sidecar;
   p.n_ctx = 256;
   p.n_threads = 2;
@@ -99,11 +95,8 @@ TEST(SessionFastPath, LogProbsEqualScalarPathWithinReordering) {
   const std::string sidecar = test::temp_dir() + "/session_fast_path.kvcalib.gguf";
   calibrate_kv(model, std::span(calib_tokens.data(), 1024), cp, sidecar);
   for (const char* fmt : {"f16", "q4_0", "int4-ch-1%", "nuq4-1%", "nuq2-1%"}) {
-    std::vector<double> fast = next_token_logprobs(model, fmt, tokens, 70, sidecar), ref;
-    {
-      ScalarAttention scalar;
-      ref = next_token_logprobs(model, fmt, tokens, 70, sidecar);
-    }
+    const std::vector<double> fast = next_token_logprobs(model, fmt, tokens, 70, sidecar),
+                              ref = next_token_logprobs(model, fmt, tokens, 70, sidecar, "scalar");
     ASSERT_EQ(fast.size(), ref.size());
     double sum_fast = 0, sum_ref = 0, max_diff = 0;
     std::vector<double> diffs;

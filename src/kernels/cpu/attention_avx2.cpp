@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/softmax_state.h"
 #include "kernels/cpu/kv_lookup_avx2.h"
 
 namespace kvq::attn {
@@ -322,18 +323,16 @@ void rows_block(const TileStep& t, int r0) {
       continue;
     }
     any = true;
-    const float m_new = std::max(t.m[r0 + r], tile_max);
-    const float corr = std::exp(t.m[r0 + r] - m_new);
-    const __m256 mv = _mm256_set1_ps(m_new);
+    const SoftmaxUpdate u = SoftmaxUpdate::open(t.m[r0 + r], tile_max);
+    const __m256 mv = _mm256_set1_ps(u.m_new);
     __m256 sum = _mm256_setzero_ps();
     for (int j = 0; j < kTile; j += 8) {
       const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sr + j), mv));
       _mm256_storeu_ps(sr + j, p);
       sum = _mm256_add_ps(sum, p);
     }
-    t.l[r0 + r] = t.l[r0 + r] * corr + hsum(sum);
-    t.m[r0 + r] = m_new;
-    const __m256 cv = _mm256_set1_ps(corr);
+    u.close(t.m[r0 + r], t.l[r0 + r], hsum(sum));
+    const __m256 cv = _mm256_set1_ps(u.corr);
     for (int d = 0; d < t.hd; d += 8) _mm256_storeu_ps(acc + d, _mm256_mul_ps(cv, _mm256_loadu_ps(acc + d)));
   }
   if (!any) return;

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/softmax_state.h"
 #include "kernels/cpu/kv_lookup_avx2.h"
 #include "kernels/cpu/kv_lookup_avx512.h"
 
@@ -198,18 +199,16 @@ void rows_block(const TileStep& t, int r0) {
       continue;
     }
     any = true;
-    const float m_new = std::max(t.m[r0 + r], tile_max);
-    const float corr = std::exp(t.m[r0 + r] - m_new);
-    const __m512 mv = _mm512_set1_ps(m_new);
+    const SoftmaxUpdate u = SoftmaxUpdate::open(t.m[r0 + r], tile_max);
+    const __m512 mv = _mm512_set1_ps(u.m_new);
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < kTile; j += 16) {
       const __m512 pj = exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mv));
       _mm512_storeu_ps(sr + j, pj);
       sum = _mm512_add_ps(sum, pj);
     }
-    t.l[r0 + r] = t.l[r0 + r] * corr + _mm512_reduce_add_ps(sum);
-    t.m[r0 + r] = m_new;
-    const __m512 cv = _mm512_set1_ps(corr);
+    u.close(t.m[r0 + r], t.l[r0 + r], _mm512_reduce_add_ps(sum));
+    const __m512 cv = _mm512_set1_ps(u.corr);
     for (int d = 0; d < t.hd; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + d)));
   }
   if (!any) return;

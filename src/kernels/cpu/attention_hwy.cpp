@@ -26,6 +26,8 @@
 #include <limits>
 
 #include "kernels/cpu/attention_tile.h"
+#include "kernels/cpu/softmax_state.h"
+#include "kernels/cpu/kernel_set.h"
 #include "kernels/cpu/kv_lookup_hwy-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -301,9 +303,8 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
       continue;
     }
     any = true;
-    const float m_new = std::max(t.m[r0 + r], tile_max);
-    const float corr = std::exp(t.m[r0 + r] - m_new);
-    const auto mv = hn::Set(d, m_new);
+    const SoftmaxUpdate u = SoftmaxUpdate::open(t.m[r0 + r], tile_max);
+    const auto mv = hn::Set(d, u.m_new);
     auto sum = hn::Zero(d);
     for (int j = 0; j < kTile; j += N) {
       const auto x = hn::Sub(hn::LoadU(d, sr + j), mv);
@@ -311,13 +312,12 @@ HWY_INLINE void rows_block(const TileStep& t, int r0) {
       hn::StoreU(p, d, sr + j);
       sum = hn::Add(sum, p);
     }
-    t.l[r0 + r] = t.l[r0 + r] * corr + hn::GetLane(hn::SumOfLanes(d, sum));
-    t.m[r0 + r] = m_new;
+    u.close(t.m[r0 + r], t.l[r0 + r], hn::GetLane(hn::SumOfLanes(d, sum)));
     float* acc = t.acc + int64_t(r0 + r) * t.hd;
-    const auto cv = hn::Set(d, corr);
+    const auto cv = hn::Set(d, u.corr);
     int c = 0;
     for (; c + N <= t.hd; c += N) hn::StoreU(hn::Mul(cv, hn::LoadU(d, acc + c)), d, acc + c);
-    for (; c < t.hd; ++c) acc[c] *= corr;
+    for (; c < t.hd; ++c) acc[c] *= u.corr;
   }
   if (!any) return;
   float* acc = t.acc + int64_t(r0) * t.hd;
@@ -350,21 +350,21 @@ void TileStepHwy(const TileStep& t) {
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include "kernels/cpu/hwy_dispatch.h"
+
 namespace kvq::attn {
 
 HWY_EXPORT(TileStepHwy);
 
-void tile_step_portable(const TileStep& t) { HWY_DYNAMIC_DISPATCH(TileStepHwy)(t); }
+TileStepFn portable_tile_step(int64_t target) { return &KVQ_HWY_AT_TARGET(TileStepHwy, target); }
+
+}  // namespace kvq::attn
+
+namespace kvq {
 
 std::vector<int64_t> portable_targets() { return hwy::SupportedAndGeneratedTargets(); }
 
-void pin_portable_target(int64_t target) { hwy::SetSupportedTargetsForTest(target); }
+const char* portable_target_name(int64_t target) { return target ? hwy::TargetName(target) : "none"; }
 
-const char* portable_target_name() {
-  // The best target this CPU supports among those compiled in (what dispatch picks).
-  const int64_t t = hwy::SupportedTargets() & HWY_TARGETS;
-  return t ? hwy::TargetName(t & -t) : "none";
-}
-
-}  // namespace kvq::attn
+}  // namespace kvq
 #endif  // HWY_ONCE

@@ -24,7 +24,7 @@ struct TileStep {
   float* l;               // [rows] running sum of exp
   float* acc;             // [rows][hd] running output (unnormalised)
   float* s;               // scratch [rows][kTile]
-  // s already holds the rows' scores (KvLayerView::score_keys; kt unused):
+  // s already holds the rows' scores (kv_score_key_tile; kt unused):
   // only the AVX-512 step takes such a step.
   bool scored = false;
   // Values read straight from their page (the SIMD steps, when
@@ -60,16 +60,9 @@ void tile_step_scalar(const TileStep& t);
 void tile_step_avx2(const TileStep& t);
 // AVX-512 version (hd % 16 == 0); defined only on x86-64.
 void tile_step_avx512(const TileStep& t);
-// Portable SIMD version (Google Highway, any hd; t.v must be set): the best
-// target this CPU supports, chosen at run time (attention_hwy.cpp).
-void tile_step_portable(const TileStep& t);
-
-// The Highway targets compiled in that this CPU runs (best first), and a pin for
-// tests: pin_portable_target(t) makes tile_step_portable run target t,
-// pin_portable_target(0) restores the best. portable_target_name(): the target
-// dispatch picks now (e.g. "AVX3", "AVX2", "NEON").
-std::vector<int64_t> portable_targets();
-void pin_portable_target(int64_t target);
-const char* portable_target_name();
+// Portable SIMD version (Google Highway, any hd; t.v must be set), compiled
+// for Highway target `target` (one of portable_targets(), attention_hwy.cpp).
+using TileStepFn = void (*)(const TileStep&);
+TileStepFn portable_tile_step(int64_t target);
 
 }  // namespace kvq::attn

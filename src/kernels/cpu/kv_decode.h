@@ -13,38 +13,39 @@
 #include <cstdint>
 
 #include "formats/kv_format.h"
+#include "kernels/cpu/kernel_set.h"
 
 namespace kvq {
 
-// Which decoders run (simd_level()): the AVX-512 ones where the CPU has
-// AVX-512 (2/3/4-bit quant codes; the AVX2 ones take every other layout), the
-// AVX2 ones where it has AVX2, the portable ones (Google Highway: NEON, SVE,
-// SSE4, ...) where the attention tile
-// kernel is the portable one without AVX2 (CPUs without AVX2, Arm; or pinned
-// so for tests), the codecs' own decode otherwise (the scalar reference), and
-// wherever a fast decoder has no path for the layout.
+// Which decoders run is the KernelSet's `decoders`: the AVX-512 ones for
+// 2/3/4-bit quant codes (they hand every other layout to AVX2's), the AVX2
+// ones, the portable ones (Google Highway: NEON, SVE, SSE4, ... at the set's
+// portable_target), or `codec`: the formats' reference decode
+// (kv_decode_ref), which also takes every layout a fast decoder has no path
+// for.
 //
-// KvCodec::decode, fast: AVX-512 for quant formats of 2, 3 and 4 bits (values:
+// kv_decode_ref, fast: AVX-512 for quant formats of 2, 3 and 4 bits (values:
 // head_dim % 16 == 0); AVX2 for quant formats of 2, 3, 4 and 8 bits,
-// q8_0/q4_0 with head_dim % 32 == 0 (f16: the codec's F16C row conversion);
-// portable for quant formats of 2, 3 and 4 bits, q8_0/q4_0 (head_dim % 32 ==
-// 0) and f16.
-void kv_decode_tile(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst);
+// q8_0/q4_0 with head_dim % 32 == 0 (f16: the reference's F16C row
+// conversion); portable for quant formats of 2, 3 and 4 bits, q8_0/q4_0
+// (head_dim % 32 == 0) and f16.
+void kv_decode_tile(const KernelSet& ks, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                    float* dst);
 
 // Rotates a channel-major key tile kt[d * kKvPageTokens + j] (slots [0, n);
 // the slots past n are rotated too when that is cheaper, so they must hold
 // finite or unspecified-but-harmless floats) by the page's angles, stored
 // page-transposed: cs[i * kKvPageTokens + j] = cos of pair i at slot j,
 // cs[(half + i) * kKvPageTokens + j] its sin.
-void kv_rotate_key_tile(float* kt, int n, const float* cs, int half, bool neox);
+void kv_rotate_key_tile(const KernelSet& ks, float* kt, int n, const float* cs, int half, bool neox);
 
 // Keys of a pre-RoPE format, the decode, outlier and rotation stages fused
 // (one pass over the tile): equals kv_decode_tile then kv_rotate_key_tile up
 // to rounding (the outlier residuals are rotated and added after the dense
 // codes, not before). Returns false when the layout has no fused path (the
 // caller then runs the stages one by one).
-bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, int n, float* dst, const float* cs,
-                           int half, bool neox);
+bool kv_decode_rotate_keys(const KernelSet& ks, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                           float* dst, const float* cs, int half, bool neox);
 
 // Scores of `rows` query rows (q[r * head_dim + d], 1 <= rows <= 4) against
 // one head's keys of a pre-RoPE format, every stage fused: decode, rotation by
@@ -54,25 +55,12 @@ bool kv_decode_rotate_keys(const KvCodec& codec, const uint8_t* page, int head, 
 // products up to floating-point reordering. False when there is no such path
 // (it needs the AVX-512 decoders and per-channel quant keys of 2-4 bits): the
 // caller then decodes the tile and scores it.
-bool kv_score_rotated_keys(const KvCodec& codec, const uint8_t* page, int head, int n, const float* cs, int half,
-                           bool neox, const float* q, int rows, float* s);
-// Whether kv_score_rotated_keys has a path for this codec's keys and `rows`
-// query rows with the decoders that run now: a caller decides once, before
-// composing any page's angles for it.
-bool kv_scores_rotated_keys(const KvCodec& codec, int rows);
-
-enum class TileDecoders { automatic, codec, avx2, portable, avx512 };
-TileDecoders tile_decoders();  // the decoders that run now (never automatic)
-// Process-wide pin, for tests and benchmarks (automatic: the rule above);
-// set_attention_scalar(true) still wins.
-void set_tile_decoders(TileDecoders decoders);
-
-// Tests only: when on, attention and the tile decoders take their scalar
-// stages (codec decode, scalar rotation and tile step) whatever simd_level()
-// says, so a whole-model run can compare the two attention paths with every
-// other kernel (the weight matmuls above all) unchanged. Off by default.
-void set_attention_scalar(bool on);
-bool attention_scalar();
+bool kv_score_rotated_keys(const KernelSet& ks, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                           const float* cs, int half, bool neox, const float* q, int rows, float* s);
+// Whether kv_score_rotated_keys has a path for these keys and `rows` query
+// rows with the set's decoders: a caller decides once, before composing any
+// page's angles for it.
+bool kv_scores_rotated_keys(const KernelSet& ks, const KvCodecLayout& layout, int rows);
 
 namespace simd {
 namespace {  // internal linkage: the includers are compiled for different ISAs
@@ -114,13 +102,14 @@ bool kv_decode_rotate_keys_avx512(const KvCodecLayout& layout, const uint8_t* pa
 bool kv_score_rotated_keys_avx512(const KvCodecLayout& layout, const uint8_t* page, int head, int n, const float* cs,
                                   int half, bool neox, const float* q, int rows, float* s);
 bool kv_scores_rotated_keys_avx512(const KvCodecLayout& layout, int rows);
-// The portable decoders (kv_decode_hwy.cpp), at the Highway target dispatch
-// picks (attn::pin_portable_target pins it); false: no path for this layout
-// or target (the one-lane baseline declines everything).
-bool kv_decode_tile_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst);
-bool kv_rotate_key_tile_portable(float* kt, int n, const float* cs, int half, bool neox);
-bool kv_decode_rotate_keys_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
-                                    const float* cs, int half, bool neox);
+// The portable decoders (kv_decode_hwy.cpp), compiled for Highway target
+// `target` (one of portable_targets()); false: no path for this layout or
+// target (the one-lane baseline declines everything).
+bool kv_decode_tile_portable(int64_t target, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                             float* dst);
+bool kv_rotate_key_tile_portable(int64_t target, float* kt, int n, const float* cs, int half, bool neox);
+bool kv_decode_rotate_keys_portable(int64_t target, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                                    float* dst, const float* cs, int half, bool neox);
 }  // namespace simd
 
 }  // namespace kvq

@@ -318,23 +318,26 @@ bool DecodeRotateKeysHwy(const KvCodecLayout& L, const uint8_t* page, int head, 
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include "kernels/cpu/hwy_dispatch.h"
+
 namespace kvq::simd {
 
 HWY_EXPORT(DecodeTileHwy);
 HWY_EXPORT(RotateKeyTileHwy);
 HWY_EXPORT(DecodeRotateKeysHwy);
 
-bool kv_decode_tile_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst) {
-  return HWY_DYNAMIC_DISPATCH(DecodeTileHwy)(layout, page, head, n, dst);
+bool kv_decode_tile_portable(int64_t target, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                             float* dst) {
+  return KVQ_HWY_AT_TARGET(DecodeTileHwy, target)(layout, page, head, n, dst);
 }
 
-bool kv_rotate_key_tile_portable(float* kt, int n, const float* cs, int half, bool neox) {
-  return HWY_DYNAMIC_DISPATCH(RotateKeyTileHwy)(kt, n, cs, half, neox);
+bool kv_rotate_key_tile_portable(int64_t target, float* kt, int n, const float* cs, int half, bool neox) {
+  return KVQ_HWY_AT_TARGET(RotateKeyTileHwy, target)(kt, n, cs, half, neox);
 }
 
-bool kv_decode_rotate_keys_portable(const KvCodecLayout& layout, const uint8_t* page, int head, int n, float* dst,
-                                    const float* cs, int half, bool neox) {
-  return HWY_DYNAMIC_DISPATCH(DecodeRotateKeysHwy)(layout, page, head, n, dst, cs, half, neox);
+bool kv_decode_rotate_keys_portable(int64_t target, const KvCodecLayout& layout, const uint8_t* page, int head, int n,
+                                    float* dst, const float* cs, int half, bool neox) {
+  return KVQ_HWY_AT_TARGET(DecodeRotateKeysHwy, target)(layout, page, head, n, dst, cs, half, neox);
 }
 
 }  // namespace kvq::simd
