@@ -316,9 +316,8 @@ void dequantize_row_f32(const void* src, float* y, int64_t n) { std::memcpy(y, s
 // sum = sum_b d_w d_a sum(q_w q_a) + m_w s_a.
 // How far ahead a weight row stream is requested. A thread's rows are
 // contiguous, so 8 KiB ahead reaches into the rows it takes next (a row is
-// 360-960 bytes here). Zen 5, every decode matmul of the default model, 2
-// threads (BM_DecodeModelMatmuls): 512 B ahead 3.9-4.4 ms, 2 KiB 3.0-3.1, 8 KiB
-// 2.0-2.3 (43 GB/s, ~93 % of the read probe), 16-32 KiB 2.3-2.8.
+// 360-960 bytes here); nearer and farther both measured slower
+// (docs/BENCHMARKS.md, "Kernel choices").
 constexpr int kPrefetchBytes = 8192;
 
 template <int R>

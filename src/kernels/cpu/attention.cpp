@@ -82,7 +82,8 @@ constexpr int kRelativeRopeMaxRows = 24;
 // each head's share of it, in three slices spread over that head's stages
 // (before its keys are decoded, before its tile step, after it). One burst of
 // the whole share (~70 lines for a 4-bit page) filled the core's miss buffers
-// and stalled the pipeline at the prefetch loop itself.
+// and stalled the pipeline at the prefetch loop itself (docs/BENCHMARKS.md,
+// "Kernel choices").
 class PagePrefetch {
  public:
   // Slices of [lo, hi) of `page` (null: nothing to request).

@@ -261,7 +261,7 @@ void accumulate_packed(const TileStep& t, const float* p, float* acc) {
   for (int d0 = 0; d0 < hd; d0 += 32) {
     // A block's 4 vectors x R rows of accumulators in one pass when the lookup
     // is dear to repeat (4-bit byte shuffles; 12 accumulators then spill one,
-    // ~2 % dearer than ideal but cheaper than looking up twice), else in two
+    // which measured cheaper than looking up twice), else in two
     // passes of 2 vectors (8-entry lookups are cheap, and 4 rows need them).
     if constexpr (B == 4 && R <= 3) {
       accumulate_vectors<R, 0, 4>(levels, runs, L.run_bytes, n, pr[0], d0, zsum, acc, hd);

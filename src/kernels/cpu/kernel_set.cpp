@@ -62,7 +62,7 @@ AttentionKernel attention_kernel_for(const KernelSet& ks, int head_dim, bool pac
   const AttentionKernel avx2_or_portable = head_dim % 8 == 0 ? AttentionKernel::avx2 : AttentionKernel::portable;
   // What an AVX-512 CPU runs: the AVX-512 kernel; for other head sizes AVX2's
   // where it reads values from their codes (faster there than the portable
-  // kernel: docs/BENCHMARKS.md, session 7), else the portable kernel.
+  // kernel: docs/BENCHMARKS.md, "Kernel choices"), else the portable kernel.
   const AttentionKernel avx512_or_other = head_dim % 16 == 0 ? AttentionKernel::avx512
                                           : packed_values     ? avx2_or_portable
                                                               : AttentionKernel::portable;

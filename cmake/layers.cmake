@@ -1,0 +1,35 @@
+# kvq_module(NAME [BELOW...]): the static library kvq_NAME built from
+# src/NAME/**.cpp. It links the modules BELOW (each defined before it) and is
+# compiled against build/.../layers/NAME/, a folder of links to src/NAME and
+# to the modules below it (theirs included) and to nothing else of src/: an
+# include of a module above it does not compile. Appends the module's sources
+# to KVQ_ALL_SOURCES (for per-file ISA flags).
+set(KVQ_ALL_SOURCES "")
+function(kvq_module name)
+  set(visible ${name})
+  foreach(dep ${ARGN})
+    if(NOT TARGET kvq_${dep})
+      message(FATAL_ERROR "kvq_module(${name}): module '${dep}' must be defined before it")
+    endif()
+    list(APPEND visible ${KVQ_VISIBLE_${dep}})
+  endforeach()
+  list(REMOVE_DUPLICATES visible)
+  set(view ${PROJECT_BINARY_DIR}/layers/${name})
+  file(REMOVE_RECURSE ${view})
+  file(MAKE_DIRECTORY ${view})
+  foreach(m ${visible})
+    file(CREATE_LINK ${PROJECT_SOURCE_DIR}/src/${m} ${view}/${m} SYMBOLIC)
+  endforeach()
+  file(GLOB_RECURSE srcs CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/src/${name}/*.cpp)
+  if(NOT CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
+    list(FILTER srcs EXCLUDE REGEX "_avx(2|512)\\.cpp$")
+  endif()
+  add_library(kvq_${name} STATIC ${srcs})
+  target_include_directories(kvq_${name} PUBLIC ${PROJECT_SOURCE_DIR}/include PRIVATE ${view})
+  foreach(dep ${ARGN})
+    target_link_libraries(kvq_${name} PUBLIC kvq_${dep})
+  endforeach()
+  set(KVQ_VISIBLE_${name} ${visible} PARENT_SCOPE)
+  set(KVQ_ALL_SOURCES ${KVQ_ALL_SOURCES} ${srcs} PARENT_SCOPE)
+  set_property(GLOBAL APPEND PROPERTY KVQ_MODULE_TARGETS kvq_${name})
+endfunction()
