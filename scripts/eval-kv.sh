@@ -36,7 +36,7 @@ fi
 
 # Baselines, the KVQuant presets, and the paper's ablation chain at 3 bits
 # (int3 per token -> per-channel keys -> pre-RoPE -> nuq3 -> +1% outliers -> +sink).
-default_sweep="q8_0 q4_0 int4 int3 int2 nuq4-1% nuq3-1% nuq2-1% int4-ch-1% int3-ch-1% int2-ch-1% \
+default_sweep="q8_0 q8_0-rot q4_0 q4_0-rot int4 int4-rot int3 int3-rot int2 nuq4-1% nuq3-1% nuq2-1% int4-ch-1% int3-ch-1% int2-ch-1% \
 int3-ch-post+sink0 int3-ch+sink0 nuq3+sink0 nuq3-1%+sink0"
 read -r -a specs <<<"${SWEEP:-$default_sweep}"
 args=()

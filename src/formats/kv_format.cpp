@@ -59,14 +59,18 @@ class PlainCodec final : public KvCodec {
 // Unused fields of non-quant rows are filled with neutral values.
 constexpr KvLevels kU = KvLevels::uniform;
 constexpr KvKeyScaling kTok = KvKeyScaling::per_token;
-constexpr std::array<KvFormat, 24> kFormats = {{
+constexpr std::array<KvFormat, 28> kFormats = {{
     {"f32", "32-bit float, post-RoPE keys (exact)", KvScheme::f32, 32, kU, kTok, false, 0.0f, false},
     {"f16", "IEEE half, post-RoPE keys", KvScheme::f16, 16, kU, kTok, false, 0.0f, false},
     {"q8_0", "ggml Q8_0 blocks of 32 along the head dimension (fp16 scale, int8), post-RoPE keys", KvScheme::q8_0, 8, kU, kTok, false, 0.0f, false},
     {"q4_0", "ggml Q4_0 blocks of 32 along the head dimension (fp16 scale, 4-bit), post-RoPE keys", KvScheme::q4_0, 4, kU, kTok, false, 0.0f, false},
+    {"q8_0-rot", "q8_0 after a Walsh-Hadamard rotation of each head vector (keys and values), as llama.cpp does by default", KvScheme::q8_0, 8, kU, kTok, false, 0.0f, false, true, true},
+    {"q4_0-rot", "q4_0 after a Walsh-Hadamard rotation of each head vector (keys and values), as llama.cpp does by default", KvScheme::q4_0, 4, kU, kTok, false, 0.0f, false, true, true},
     {"int4", "4-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
     {"int3", "3-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
     {"int2", "2-bit uniform, per-token zero-point/range (keys and values), post-RoPE keys", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false},
+    {"int4-rot", "int4 after a Walsh-Hadamard rotation of each head vector (keys and values)", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false, true, true},
+    {"int3-rot", "int3 after a Walsh-Hadamard rotation of each head vector (keys and values)", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_token, false, 0.0f, false, true, true},
     {"int4-ch-post", "4-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 4, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
     {"int3-ch-post", "3-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 3, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
     {"int2-ch-post", "2-bit uniform; keys per channel (calibrated), post-RoPE; values per token", KvScheme::quant, 2, KvLevels::uniform, KvKeyScaling::per_channel, false, 0.0f, true},
@@ -119,6 +123,21 @@ void kv_decode_ref(const KvCodecLayout& layout, const uint8_t* page, int head, i
     case KvScheme::q4_0: return kv_block_decode(layout, page, head, n, dst);
     case KvScheme::quant: return kv_quant_decode(layout, page, head, n, dst);
   }
+}
+
+bool kv_is_power_of_two(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+void kv_hadamard(float* x, int n) {
+  KVQ_ASSERT(kv_is_power_of_two(n));
+  for (int h = 1; h < n; h *= 2)
+    for (int i = 0; i < n; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float scale = float(1.0 / std::sqrt(double(n)));
+  for (int i = 0; i < n; ++i) x[i] *= scale;
 }
 
 int kv_outliers_per_tail(float fraction, int width) {

@@ -64,6 +64,13 @@ struct KvFormat {
   bool keys_pre_rope;            // keys stored before RoPE (rotated after decoding)
   float outlier_fraction;        // dense-and-sparse: share of each vector kept exactly (0: none)
   bool kvquant;                  // a KVQuant recipe: the cache keeps an attention sink by default
+  // Each head vector of keys / values multiplied by the normalised
+  // Walsh-Hadamard matrix (kv_hadamard) before it is encoded, spreading an
+  // outlier channel over the whole vector; attention rotates its queries and
+  // outputs instead of the keys and values (H is orthogonal and its own
+  // inverse). Head sizes must be powers of two.
+  bool rotate_k = false;
+  bool rotate_v = false;
 
   // Whether make_kv_codec needs a KvTensorCalibration for this role.
   bool needs_calibration(KvRole role) const {
@@ -163,6 +170,14 @@ const KvFormat& kv_format(std::string_view name);      // throws listing valid n
 // accounting only when `for_accounting` is true.
 std::unique_ptr<KvCodec> make_kv_codec(const KvFormat& format, KvRole role, const KvGeometry& geometry,
                                        const KvTensorCalibration* calibration, bool for_accounting = false);
+
+// The normalised Walsh-Hadamard transform of x[0..n), n a power of two, in
+// place: butterflies (a, b) -> (a + b, a - b) at strides 1, 2, 4, ... n/2,
+// then every element times binary32(1/sqrt(n)). Orthogonal and symmetric, so
+// applying it twice gives x back (up to rounding). docs/formats.md, "Rotated
+// formats".
+void kv_hadamard(float* x, int n);
+bool kv_is_power_of_two(int n);
 
 // Sparse outlier slots per tail (low and high) of a vector of `width` elements:
 // ceil(fraction / 2 * width), at least 1 when fraction > 0.

@@ -18,6 +18,12 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
   if (config.rope.head_dim != config.head_dim)
     fail("KV cache: RoPE head size {} differs from the cache's {}", config.rope.head_dim, config.head_dim);
   rope_ = Rope(config.rope);
+  if (config.k_format->rotate_k && config.k_format->keys_pre_rope)
+    fail("KV cache type '{}': keys stored before RoPE cannot be rotated", config.k_format->name);
+  for (const KvFormat* f : {config.k_format, config.v_format})
+    if ((f->rotate_k || f->rotate_v) && !kv_is_power_of_two(config.head_dim))
+      fail("KV cache type '{}' rotates head vectors and needs a head size that is a power of two (this model's is {})",
+           f->name, config.head_dim);
   const KvGeometry geometry{config.n_kv_heads, config.head_dim};
   auto calibration = [&](const KvFormat& f, KvRole role, const std::vector<KvTensorCalibration>& c, int layer,
                          const char* what) -> const KvTensorCalibration* {
@@ -129,21 +135,32 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   KVQ_ASSERT(layer.stored == n_tokens_);
   const int64_t row = int64_t(config_.n_kv_heads) * config_.head_dim;
   if (observer_) observer_(layer_index, batch_n_, positions_.data() + n_tokens_, k, v);
-  const bool rotate = !config_.k_format->keys_pre_rope;
+  const bool rope = !config_.k_format->keys_pre_rope;
+  const bool hadamard_k = config_.k_format->rotate_k, hadamard_v = config_.v_format->rotate_v;
+  const int hd = config_.head_dim;
   rotated_.resize(size_t(row));
+  rotated_v_.resize(size_t(row));
   for (int64_t i = 0; i < batch_n_; ++i) {
     const int64_t slot = n_tokens_ + i;
     uint8_t* page = const_cast<uint8_t*>(layer.pages[slot / kKvPageTokens]);
     const int in_page = int(slot % kKvPageTokens);
     const float* krow = k + i * row;
-    if (rotate) {  // post-RoPE format: rotate on the way in
+    if (rope || hadamard_k) {  // post-RoPE format: rotate on the way in (then Walsh-Hadamard, if it says so)
       std::memcpy(rotated_.data(), krow, size_t(row) * sizeof(float));
       const size_t half = size_t(config_.rope.n_rot / 2);
       const float* cs = &batch_cs_[size_t(i) * 2 * half];
-      for (int h = 0; h < config_.n_kv_heads; ++h) rope_.rotate(rotated_.data() + h * config_.head_dim, cs, cs + half);
+      for (int h = 0; h < config_.n_kv_heads; ++h) {
+        if (rope) rope_.rotate(rotated_.data() + h * hd, cs, cs + half);
+        if (hadamard_k) kv_hadamard(rotated_.data() + h * hd, hd);
+      }
       krow = rotated_.data();
     }
     const float* vrow = v + i * row;
+    if (hadamard_v) {
+      std::memcpy(rotated_v_.data(), vrow, size_t(row) * sizeof(float));
+      for (int h = 0; h < config_.n_kv_heads; ++h) kv_hadamard(rotated_v_.data() + h * hd, hd);
+      vrow = rotated_v_.data();
+    }
     layer.k_codec->encode(krow, in_page, page);
     layer.v_codec->encode(vrow, in_page, page + k_page_bytes_);
     if (slot < config_.sink_tokens) {
@@ -179,6 +196,8 @@ KvLayerView KvCache::view(int layer_index) const {
   v.k = layer.k_codec->layout();
   v.v = layer.v_codec->layout();
   v.keys_pre_rope = config_.k_format->keys_pre_rope;
+  v.k_rotated = config_.k_format->rotate_k;
+  v.v_rotated = config_.v_format->rotate_v;
   v.n_kv_heads = config_.n_kv_heads;
   v.head_dim = config_.head_dim;
   v.n_tokens = layer.stored;

@@ -108,7 +108,8 @@ class KvCache {
   int64_t batch_n_ = 0;
   int64_t window_capacity_ = 0;
   int64_t window_first_ = 0;    // oldest slot whose window row is intact
-  std::vector<float> rotated_;  // scratch for post-RoPE formats
+  std::vector<float> rotated_;    // scratch: keys of post-RoPE or rotated formats
+  std::vector<float> rotated_v_;  // scratch: values of rotated formats
   StoreObserver observer_;
 };
 

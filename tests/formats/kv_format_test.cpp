@@ -20,7 +20,9 @@ namespace kvq {
 namespace {
 
 // A calibration that fits any row of `g`: bounds +-3 per channel, and a
-// random sorted codebook of 2^bits entries in [-1, 1].
+// random sorted codebook of 2^bits entries spanning [-1, 1] (its ends at -1
+// and 1, as a fitted codebook's reach the scaled extremes: a random one that
+// missed a whole side could not represent half the values at all).
 KvTensorCalibration synthetic_calibration(const KvFormat& f, const KvGeometry& g, std::mt19937& rng) {
   KvTensorCalibration cal;
   cal.lower.assign(size_t(g.row()), -3.0f);
@@ -30,6 +32,8 @@ KvTensorCalibration synthetic_calibration(const KvFormat& f, const KvGeometry& g
     cal.codebook.resize(size_t(1) << f.bits);
     for (auto& v : cal.codebook) v = u(rng);
     std::sort(cal.codebook.begin(), cal.codebook.end());
+    cal.codebook.front() = -1.0f;
+    cal.codebook.back() = 1.0f;
   }
   return cal;
 }
@@ -254,6 +258,38 @@ TEST(KvFormat, F16DecodeEncodeOfEveryHalfIsIdentity) {
       ASSERT_EQ(f32_to_bits(y[i]), f32_to_bits(x[i])) << "half 0x" << std::hex << i;
     }
   }
+}
+
+}  // namespace
+}  // namespace kvq
+
+namespace kvq {
+namespace {
+
+// kv_hadamard against the normalised Sylvester matrix written out here:
+// H[i][j] = (-1)^popcount(i & j) / sqrt(n), in double; and H H x = x.
+TEST(KvFormat, HadamardIsTheNormalisedSylvesterMatrix) {
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (int n = 1; n <= 256; n *= 2) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& v : x) v = nd(rng);
+    std::vector<float> y = x;
+    kv_hadamard(y.data(), n);
+    double norm = 0;
+    for (float v : x) norm += double(v) * v;
+    for (int i = 0; i < n; ++i) {
+      double want = 0;
+      for (int j = 0; j < n; ++j) want += (__builtin_popcount(unsigned(i & j)) % 2 ? -1.0 : 1.0) * x[size_t(j)];
+      want /= std::sqrt(double(n));
+      EXPECT_NEAR(y[size_t(i)], want, 1e-6 * std::sqrt(norm) * (1 + std::log2(double(n)))) << "n=" << n << " i=" << i;
+    }
+    kv_hadamard(y.data(), n);
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(y[size_t(i)], x[size_t(i)], 1e-6 * std::sqrt(norm) * (1 + std::log2(double(n))));
+  }
+  EXPECT_TRUE(kv_is_power_of_two(64));
+  EXPECT_FALSE(kv_is_power_of_two(80));
+  EXPECT_FALSE(kv_is_power_of_two(0));
 }
 
 }  // namespace

@@ -489,3 +489,56 @@ TEST(KvCachePreRope, LosslessCodesRotateLikeTheFullPrecisionPath) {
 
 }  // namespace
 }  // namespace kvq
+
+namespace kvq {
+namespace {
+
+// A rotated format stores H x (keys after RoPE) in its codes and side stores
+// alike; H x read back and turned back by H is x up to the format's rounding.
+// With an outlier channel per vector (the case rotation is for) the rotated
+// 4-bit block format reconstructs the vectors better than the plain one.
+TEST(KvCacheRotated, StoresRotatedRowsAndSpreadsOutliers) {
+  const int hd = 64, n = 70;
+  auto error_of = [&](const char* fmt, int sink) {
+    KvCacheConfig c = make_config(fmt, 1, 2, hd, 200);
+    c.sink_tokens = sink;
+    KvCache cache(c);
+    std::vector<float> k = random_vec(n * 2 * hd, 21), v = random_vec(n * 2 * hd, 22);
+    for (int64_t i = 0; i < n; ++i)
+      for (int h = 0; h < 2; ++h) v[size_t((i * 2 + h) * hd + (i * 7 + h) % hd)] = 25.0f;  // one outlier channel
+    append(cache, iota_pos(0, n), {k}, {v});
+    const KvLayerView kv = cache.view(0);
+    EXPECT_EQ(kv.v_rotated, kv_format(fmt).rotate_v);
+    double err = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int h = 0; h < 2; ++h) {
+        std::vector<float> got(static_cast<size_t>(hd));
+        for (int d = 0; d < hd; ++d) got[size_t(d)] = read_v(kv, i, h, d);
+        if (kv.v_rotated) kv_hadamard(got.data(), hd);
+        for (int d = 0; d < hd; ++d) {
+          const double e = got[size_t(d)] - v[size_t((i * 2 + h) * hd + d)];
+          if (i < sink) EXPECT_NEAR(e, 0.0, 0.02 + 1e-3 * std::fabs(v[size_t((i * 2 + h) * hd + d)])) << fmt << " sink";
+          err += e * e;
+        }
+      }
+    return err;
+  };
+  for (int sink : {0, 4}) {
+    EXPECT_LT(error_of("q4_0-rot", sink), 0.5 * error_of("q4_0", sink)) << "sink " << sink;
+    EXPECT_LT(error_of("int4-rot", sink), 0.5 * error_of("int4", sink)) << "sink " << sink;
+  }
+}
+
+TEST(KvCacheRotated, RejectsHeadSizesThatAreNotPowersOfTwo) {
+  try {
+    KvCache cache(make_config("q4_0-rot", 1, 2, 80, 200));
+    FAIL() << "a rotated format took head size 80";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("power of two"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("80"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(KvCache(make_config("q4_0", 1, 2, 80, 200)));
+}
+
+}  // namespace
+}  // namespace kvq

@@ -226,7 +226,11 @@ class Task {
   // The rows' outputs, normalised (an unsplit key range) ...
   void write_output() const {
     for (int hh = 0; hh < p_.heads_per_task; ++hh)
-      for (int r = 0; r < rows_; ++r) state().finish(hh * p_.rows_max + r, out_row(hh, r));
+      for (int r = 0; r < rows_; ++r) {
+        float* out = out_row(hh, r);
+        state().finish(hh * p_.rows_max + r, out);
+        if (kv_.v_rotated) kv_hadamard(out, kv_.head_dim);  // sum_j p_j H v_j = H sum_j p_j v_j
+      }
   }
   // ... or their states, for the merge: per row (m, l, acc[hd]).
   void write_partial(float* states) const {
@@ -261,7 +265,10 @@ class Task {
         for (int g = 0; g < group; ++g) {
           const int r = hh * p_.rows_max + int(t - t0_) * group + g;
           const float* src = a_.q + (t * a_.n_heads + (h0_ + hh) * group + g) * hd;
-          for (int d = 0; d < hd; ++d) sc_.q[size_t(r) * hd + d] = src[d] * a_.scale;
+          float* dst = sc_.q.data() + size_t(r) * hd;
+          for (int d = 0; d < hd; ++d) dst[d] = src[d] * a_.scale;
+          // Keys stored rotated: q . k = (H q) . (H k), H orthogonal.
+          if (kv_.k_rotated) kv_hadamard(dst, hd);
         }
   }
 
@@ -351,6 +358,7 @@ void merge_splits(const AttentionArgs& a, const Plan& p, const float* partial, i
         // Split sp of this row sits at ((b * n_split + sp) * task_rows + sr) * stride.
         attn::softmax_merge(partial + (size_t(b * p.n_split) * p.task_rows + sr) * stride, p.n_split,
                             int64_t(p.task_rows) * stride, hd, acc.data(), dst);
+        if (a.kv.v_rotated) kv_hadamard(dst, hd);
       }
   }
 }
@@ -414,6 +422,11 @@ void attention_ref(const AttentionArgs& a) {
           vw[i * hd + d] = fp16_to_f32(kv.window_v[(i % kv.window_capacity) * row + h * hd + d]);
         }
       }
+      // Rotated formats: back to the model's domain (H is its own inverse).
+      for (float* x : {&k[i * hd], &kw[i * hd]})
+        if (kv.k_rotated) kv_hadamard(x, hd);
+      for (float* x : {&v[i * hd], &vw[i * hd]})
+        if (kv.v_rotated) kv_hadamard(x, hd);
       if (kv.keys_pre_rope) {
         kv.rope->apply(&k[i * hd], 1, kv.positions[i]);
         kv.rope->apply(&kw[i * hd], 1, kv.positions[i]);

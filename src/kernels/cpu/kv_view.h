@@ -17,6 +17,10 @@ constexpr int64_t kKvNoWindow = INT64_MAX;
 struct KvLayerView {
   KvCodecLayout k, v;               // how keys / values sit in a page (docs/formats.md)
   bool keys_pre_rope;               // rotate keys at their positions after decoding
+  // Keys / values stored Walsh-Hadamard rotated (KvFormat::rotate_k/v), tiles
+  // and side stores alike: attention rotates its queries / outputs instead.
+  bool k_rotated;
+  bool v_rotated;
   int n_kv_heads;
   int head_dim;
   int64_t n_tokens;                 // readable slots (committed + current batch)
