@@ -148,47 +148,106 @@ std::string cell_text(const TrialResult& r) {
 
 std::string depth_label(double d) { return fmt::format("{:g}", d); }
 
-int passkey(const PasskeyOptions& options) {
-  PasskeyOptions o = options;
-  Stopwatch total_clock;
-  auto model = load_model(o.model);
-  const ModelInfo& info = model->info();
-
+// Warns (on stderr, and in the JSON) about lengths past the model's training context.
+std::vector<std::string> warn_beyond_training_context(const std::vector<int64_t>& lengths, const ModelInfo& info) {
   std::vector<std::string> warnings;
-  for (int64_t L : o.lengths)
+  for (int64_t L : lengths)
     if (info.n_ctx_train > 0 && L > info.n_ctx_train) {
       warnings.push_back(fmt::format("length {} is longer than the model's training context {}: failures there "
                                      "say little about the KV cache",
                                      L, info.n_ctx_train));
       fmt::print(stderr, "kvq: warning: {}\n", warnings.back());
     }
+  return warnings;
+}
 
-  // Every length must hold the prompt without filler: refuse before any long run starts.
-  const int64_t bare =
-      int64_t(model->tokenize(prompt_text("12345", 0.5, 0, nullptr), model->add_bos_default()).size());
-  for (int64_t L : o.lengths)
+// Every length must hold the prompt without filler: refuse before any long run starts.
+void check_lengths_hold_prompt(const Model& model, const std::vector<int64_t>& lengths) {
+  const int64_t bare = int64_t(model.tokenize(prompt_text("12345", 0.5, 0, nullptr), model.add_bos_default()).size());
+  for (int64_t L : lengths)
     if (L < bare)
       throw UsageError(fmt::format("--lengths: {} tokens cannot hold the instruction, pass key and question "
                                    "({} tokens with no filler)",
                                    L, bare));
-  o.type_k = resolve_cache_type(o.type_k, model, o.kv, o.json);
-  o.type_v = resolve_cache_type(o.type_v, model, o.kv, o.json);
+}
 
-  const bool progress = stderr_is_tty();
-  const int64_t n_runs = int64_t(o.lengths.size() * o.depths.size()) * o.trials;
-  int64_t run_index = 0;
-  std::mt19937_64 rng(o.seed);
-  std::uniform_int_distribution<int> key_dist(10000, 99999);
+// "[run/runs] length L depth D trial T: what" on a terminal's stderr, rewritten in place.
+struct Progress {
+  bool on = false;
+  int64_t n_runs = 0;
+  void show(int64_t run, const TrialResult& r, std::string_view what) const {
+    if (!on) return;
+    fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: {}", run, n_runs, r.length, depth_label(r.depth),
+               r.trial + 1, what);
+    std::fflush(stderr);
+  }
+};
 
+// The model's answer to a prefilled prompt whose last logits are `logits`: up to kAnswerTokens greedy tokens.
+std::vector<int32_t> greedy_answer(Session& session, const Model& model, std::span<const float> logits) {
   SamplerParams greedy;
   greedy.temperature = 0;
-  std::vector<TrialResult> results;
-  std::vector<LengthSummary> summaries;
-  int threads_used = 0;
+  Sampler sampler(greedy);
+  std::vector<int32_t> generated;
+  for (int i = 0; i < kAnswerTokens; ++i) {
+    const int32_t token = sampler.sample(logits);
+    if (model.is_end_of_generation(token)) break;
+    generated.push_back(token);
+    if (i + 1 == kAnswerTokens) break;  // the last token is not evaluated
+    const int32_t one[1] = {token};
+    logits = session.eval(one);
+  }
+  return generated;
+}
 
+// One trial, given its length, depth, trial number and key (r.expected): hides the key at the depth of
+// the longest prompt that fits the length, prefills it from an empty cache and reads the answer.
+void run_trial(Session& session, const Model& model, TrialResult& r, int64_t run, const Progress& progress) {
+  progress.show(run, r, "building the prompt   ");
+  const Prompt prompt = build_prompt(model, r.expected, r.depth, r.length);
+  r.prompt_tokens = int64_t(prompt.tokens.size());
+  r.needle_position = prompt.needle_position;
+  r.filler_units = prompt.filler_units;
+  progress.show(run, r, fmt::format("prefill of {} tokens   ", r.prompt_tokens));
+
+  session.reset();
+  Stopwatch prefill_clock;
+  const std::span<const float> logits = session.eval(prompt.tokens);
+  r.prefill_s = prefill_clock.seconds();
+  Stopwatch decode_clock;
+  const std::vector<int32_t> generated = greedy_answer(session, model, logits);
+  r.decode_s = decode_clock.seconds();
+
+  r.output = model.detokenize(generated);
+  r.got = first_five_digits(r.output);
+  r.found = r.got && *r.got == r.expected;
+  progress.show(run, r,
+                fmt::format("{} ({:.0f} tokens/s)        ", cell_text(r),
+                            r.prefill_s > 0 ? double(r.prompt_tokens) / r.prefill_s : 0.0));
+}
+
+void add_to(LengthSummary& sum, const TrialResult& r) {
+  sum.n += 1;
+  sum.n_found += r.found ? 1 : 0;
+  sum.prefill_tokens += r.prompt_tokens;
+  sum.prefill_s += r.prefill_s;
+  sum.decode_s += r.decode_s;
+}
+
+struct Trials {
+  std::vector<TrialResult> results;  // by length, then depth, then trial
+  std::vector<LengthSummary> summaries;  // one per length
+  int threads_used = 0;
+};
+
+// Every length x depth x trial, each with a fresh random key.
+Trials run_trials(const PasskeyOptions& o, const std::shared_ptr<const Model>& model) {
+  const Progress progress{stderr_is_tty(), int64_t(o.lengths.size() * o.depths.size()) * o.trials};
+  int64_t run = 0;
+  std::mt19937_64 rng(o.seed);
+  std::uniform_int_distribution<int> key_dist(10000, 99999);
+  Trials trials;
   for (int64_t length : o.lengths) {
-    LengthSummary sum;
-    sum.length = length;
     SessionParams sp;
     sp.n_ctx = length + kAnswerTokens;
     sp.n_threads = o.threads;
@@ -198,132 +257,119 @@ int passkey(const PasskeyOptions& options) {
     o.kv.apply_to(sp);
     sp.simd = o.simd;
     Session session(model, sp);  // one allocation per length; reset() between trials
-    threads_used = session.n_threads();
+    trials.threads_used = session.n_threads();
+    LengthSummary sum;
+    sum.length = length;
     sum.n_ctx = session.n_ctx();
-
-    for (double depth : o.depths) {
+    for (double depth : o.depths)
       for (int trial = 0; trial < o.trials; ++trial) {
         TrialResult r;
         r.length = length;
         r.depth = depth;
         r.trial = trial;
         r.expected = fmt::format("{}", key_dist(rng));
-        if (progress) {
-          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: building the prompt   ", run_index + 1, n_runs,
-                     length, depth_label(depth), trial + 1);
-          std::fflush(stderr);
-        }
-        const Prompt prompt = build_prompt(*model, r.expected, depth, length);
-        r.prompt_tokens = int64_t(prompt.tokens.size());
-        r.needle_position = prompt.needle_position;
-        r.filler_units = prompt.filler_units;
-        if (progress) {
-          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: prefill of {} tokens   ", run_index + 1, n_runs,
-                     length, depth_label(depth), trial + 1, r.prompt_tokens);
-          std::fflush(stderr);
-        }
-
-        session.reset();
-        Sampler sampler(greedy);
-        Stopwatch prefill_clock;
-        std::span<const float> logits = session.eval(prompt.tokens);
-        r.prefill_s = prefill_clock.seconds();
-
-        Stopwatch decode_clock;
-        std::vector<int32_t> generated;
-        for (int i = 0; i < kAnswerTokens; ++i) {
-          const int32_t token = sampler.sample(logits);
-          if (model->is_end_of_generation(token)) break;
-          generated.push_back(token);
-          if (i + 1 == kAnswerTokens) break;
-          const int32_t one[1] = {token};
-          logits = session.eval(one);
-        }
-        r.decode_s = decode_clock.seconds();
-        r.output = model->detokenize(generated);
-        r.got = first_five_digits(r.output);
-        r.found = r.got && *r.got == r.expected;
-
-        sum.n += 1;
-        sum.n_found += r.found ? 1 : 0;
-        sum.prefill_tokens += r.prompt_tokens;
-        sum.prefill_s += r.prefill_s;
-        sum.decode_s += r.decode_s;
-        ++run_index;
-        if (progress) {
-          fmt::print(stderr, "\r[{}/{}] length {} depth {} trial {}: {} ({:.0f} tokens/s)        ", run_index, n_runs,
-                     length, depth_label(depth), trial + 1, cell_text(r),
-                     r.prefill_s > 0 ? double(r.prompt_tokens) / r.prefill_s : 0.0);
-          std::fflush(stderr);
-        }
-        results.push_back(std::move(r));
+        run_trial(session, *model, r, ++run, progress);
+        add_to(sum, r);
+        trials.results.push_back(std::move(r));
       }
-    }
     sum.kv_bytes = session.kv_stats().bytes();
-    summaries.push_back(sum);
+    trials.summaries.push_back(sum);
   }
-  if (progress) fmt::print(stderr, "\n");
+  if (progress.on) fmt::print(stderr, "\n");
+  return trials;
+}
 
+// What both reports are made of.
+struct Report {
+  const PasskeyOptions& o;  // with the cache types resolved
+  const ModelInfo& info;
+  const Trials& trials;
+  const std::vector<std::string>& warnings;
   int n_found = 0;
-  for (const auto& r : results) n_found += r.found ? 1 : 0;
-  const double accuracy = results.empty() ? 0.0 : double(n_found) / double(results.size());
-  const double total_s = total_clock.seconds();
-  const std::string model_path = info.path.empty() ? resolved_model_path(o.model) : info.path;
+  double accuracy = 0;
+  double seconds = 0;
+};
 
-  if (o.json) {
-    nlohmann::json jr = nlohmann::json::array();
-    for (const auto& r : results)
-      jr.push_back({{"length", r.length},
-                    {"depth", r.depth},
-                    {"trial", r.trial},
-                    {"prompt_tokens", r.prompt_tokens},
-                    {"needle_position", r.needle_position},
-                    {"filler_sentences", r.filler_units},
-                    {"expected", r.expected},
-                    {"got", r.got ? nlohmann::json(*r.got) : nlohmann::json(nullptr)},
-                    {"output", r.output},
-                    {"found", r.found},
-                    {"prefill_seconds", r.prefill_s},
-                    {"decode_seconds", r.decode_s}});
-    nlohmann::json jl = nlohmann::json::array();
-    for (const auto& s : summaries)
-      jl.push_back({{"length", s.length},
-                    {"n_ctx", s.n_ctx},
-                    {"trials", s.n},
-                    {"found", s.n_found},
-                    {"accuracy", s.accuracy()},
-                    {"prefill_tokens", s.prefill_tokens},
-                    {"prefill_seconds", s.prefill_s},
-                    {"prefill_tokens_per_s", s.prefill_tps()},
-                    {"decode_seconds", s.decode_s},
-                    {"kv_bytes", s.kv_bytes}});
-    nlohmann::json j = {
-        {"model", model_path},
-        {"n_ctx_train", info.n_ctx_train},
-        {"type_k", o.type_k},
-        {"type_v", o.type_v},
-        {"kv_sink", o.kv.sink},
-        {"kv_window", o.kv.window},
-        {"kv_calibration", o.kv.calibration},
-        {"lengths", o.lengths},
-        {"depths", o.depths},
-        {"trials", o.trials},
-        {"seed", o.seed},
-        {"threads", threads_used},
-        {"answer_tokens", kAnswerTokens},
-        {"chat_template", false},
-        {"results", jr},
-        {"per_length", jl},
-        {"found", n_found},
-        {"total", results.size()},
-        {"accuracy", accuracy},
-        {"seconds", total_s},
-        {"warnings", warnings},
-    };
-    write_stdout(dump_json(j) + "\n");
-    return 0;
+nlohmann::json trial_json(const TrialResult& r) {
+  return {{"length", r.length},
+          {"depth", r.depth},
+          {"trial", r.trial},
+          {"prompt_tokens", r.prompt_tokens},
+          {"needle_position", r.needle_position},
+          {"filler_sentences", r.filler_units},
+          {"expected", r.expected},
+          {"got", r.got ? nlohmann::json(*r.got) : nlohmann::json(nullptr)},
+          {"output", r.output},
+          {"found", r.found},
+          {"prefill_seconds", r.prefill_s},
+          {"decode_seconds", r.decode_s}};
+}
+
+nlohmann::json length_json(const LengthSummary& s) {
+  return {{"length", s.length},
+          {"n_ctx", s.n_ctx},
+          {"trials", s.n},
+          {"found", s.n_found},
+          {"accuracy", s.accuracy()},
+          {"prefill_tokens", s.prefill_tokens},
+          {"prefill_seconds", s.prefill_s},
+          {"prefill_tokens_per_s", s.prefill_tps()},
+          {"decode_seconds", s.decode_s},
+          {"kv_bytes", s.kv_bytes}};
+}
+
+nlohmann::json report_json(const Report& r) {
+  const PasskeyOptions& o = r.o;
+  nlohmann::json jr = nlohmann::json::array();
+  for (const auto& t : r.trials.results) jr.push_back(trial_json(t));
+  nlohmann::json jl = nlohmann::json::array();
+  for (const auto& s : r.trials.summaries) jl.push_back(length_json(s));
+  return {
+      {"model", r.info.path.empty() ? resolved_model_path(o.model) : r.info.path},
+      {"n_ctx_train", r.info.n_ctx_train},
+      {"type_k", o.type_k},
+      {"type_v", o.type_v},
+      {"kv_sink", o.kv.sink},
+      {"kv_window", o.kv.window},
+      {"kv_calibration", o.kv.calibration},
+      {"lengths", o.lengths},
+      {"depths", o.depths},
+      {"trials", o.trials},
+      {"seed", o.seed},
+      {"threads", r.trials.threads_used},
+      {"answer_tokens", kAnswerTokens},
+      {"chat_template", false},
+      {"results", jr},
+      {"per_length", jl},
+      {"found", r.n_found},
+      {"total", r.trials.results.size()},
+      {"accuracy", r.accuracy},
+      {"seconds", r.seconds},
+      {"warnings", r.warnings},
+  };
+}
+
+// One length's row: the largest prompt, each depth's trials ("found" or what came instead), the accuracy.
+// `cells` are the length's results, depth after depth.
+std::string table_row(const LengthSummary& s, std::span<const TrialResult> cells, size_t n_depths, int n_trials) {
+  int64_t max_tokens = 0;
+  std::string row;
+  for (size_t d = 0, k = 0; d < n_depths; ++d) {
+    std::string cell;
+    for (int t = 0; t < n_trials; ++t, ++k) {
+      const TrialResult& r = cells[k];
+      max_tokens = std::max(max_tokens, r.prompt_tokens);
+      cell += (t ? ", " : "") + cell_text(r);
+    }
+    row += " " + cell + " |";
   }
+  return fmt::format("| {} | {} |{} {}/{} ({:.0f}%) | {:.1f} |\n", s.length, max_tokens, row, s.n_found, s.n,
+                     100.0 * s.accuracy(), s.prefill_tps());
+}
 
+// A Markdown table: one row per length, one column per depth.
+std::string report_table(const Report& r) {
+  const PasskeyOptions& o = r.o;
   std::string out = fmt::format("passkey retrieval: KV {} / {}, sink {}, window {}, {} trial(s) per cell, seed {}\n\n",
                                 o.type_k, o.type_v, o.kv.sink < 0 ? "default" : std::to_string(o.kv.sink),
                                 o.kv.window, o.trials, o.seed);
@@ -332,25 +378,31 @@ int passkey(const PasskeyOptions& options) {
   out += " accuracy | prefill tokens/s |\n| ---: | ---: |";
   for (size_t i = 0; i < o.depths.size(); ++i) out += " --- |";
   out += " ---: | ---: |\n";
-  size_t k = 0;
-  for (const auto& s : summaries) {
-    int64_t max_tokens = 0;
-    std::string cells;
-    for (size_t d = 0; d < o.depths.size(); ++d) {
-      std::string cell;
-      for (int t = 0; t < o.trials; ++t, ++k) {
-        const TrialResult& r = results[k];
-        max_tokens = std::max(max_tokens, r.prompt_tokens);
-        cell += (t ? ", " : "") + cell_text(r);
-      }
-      cells += " " + cell + " |";
-    }
-    out += fmt::format("| {} | {} |{} {}/{} ({:.0f}%) | {:.1f} |\n", s.length, max_tokens, cells, s.n_found, s.n,
-                       100.0 * s.accuracy(), s.prefill_tps());
-  }
-  out += fmt::format("\noverall: {}/{} found ({:.0f}%) in {:.1f} s, {} threads\n", n_found, results.size(),
-                     100.0 * accuracy, total_s, threads_used);
-  write_stdout(out);
+  const size_t per_length = o.depths.size() * size_t(o.trials);
+  const std::span<const TrialResult> results = r.trials.results;
+  for (size_t i = 0; i < r.trials.summaries.size(); ++i)
+    out += table_row(r.trials.summaries[i], results.subspan(i * per_length, per_length), o.depths.size(), o.trials);
+  out += fmt::format("\noverall: {}/{} found ({:.0f}%) in {:.1f} s, {} threads\n", r.n_found, results.size(),
+                     100.0 * r.accuracy, r.seconds, r.trials.threads_used);
+  return out;
+}
+
+int passkey(const PasskeyOptions& options) {
+  PasskeyOptions o = options;
+  Stopwatch total_clock;
+  auto model = load_model(o.model);
+  const std::vector<std::string> warnings = warn_beyond_training_context(o.lengths, model->info());
+  check_lengths_hold_prompt(*model, o.lengths);
+  o.type_k = resolve_cache_type(o.type_k, model, o.kv, o.json);
+  o.type_v = resolve_cache_type(o.type_v, model, o.kv, o.json);
+
+  const Trials trials = run_trials(o, model);
+
+  Report report{o, model->info(), trials, warnings};
+  for (const auto& r : trials.results) report.n_found += r.found ? 1 : 0;
+  report.accuracy = trials.results.empty() ? 0.0 : double(report.n_found) / double(trials.results.size());
+  report.seconds = total_clock.seconds();
+  write_stdout(o.json ? dump_json(report_json(report)) + "\n" : report_table(report));
   return 0;
 }
 

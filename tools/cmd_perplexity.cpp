@@ -128,55 +128,73 @@ double percentile(std::vector<float> v, double q) {
   return v[k];
 }
 
-int perplexity(const PerplexityOptions& o) {
-  // Which caches run: the baseline first (if any), then the candidates.
-  const bool comparing = !o.compare.empty();
+// The caches named by --compare and --sweep: the baseline first (if any), then the candidates.
+// Spec errors are usage errors, found before the text and the model are read.
+std::vector<CacheConfig> parse_cache_specs(const PerplexityOptions& o) {
   std::vector<CacheConfig> configs;
-  if (comparing) {
+  if (!o.compare.empty()) {
     CacheConfig base = parse_cache_spec(o.compare, KvCacheOptions{});
     base.sink = base.sink < 0 ? 0 : base.sink;
     configs.push_back(base);
   }
-  std::vector<CacheConfig> swept;
-  for (const std::string& spec : o.sweep) swept.push_back(parse_cache_spec(spec, o.kv));
+  for (const std::string& spec : o.sweep) configs.push_back(parse_cache_spec(spec, o.kv));
+  return configs;
+}
+
+// The cache of -ctk/-ctv (with the --kv-* flags), evaluated when there is no --sweep.
+CacheConfig flags_cache(const PerplexityOptions& o, const std::shared_ptr<const Model>& model) {
+  const std::string tk = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);
+  const std::string tv = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
+  return CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window};
+}
+
+std::string read_text(const std::string& path) {
   std::string text;
   try {
-    text = read_file(o.text_file, "text file");
+    text = read_file(path, "text file");
   } catch (const Error& e) {
     throw Error(fmt::format("{} (for WikiText-2, wiki.test.txt is the raw test split, its rows joined with \"\\n\\n\")",
                             e.what()));
   }
-  if (text.empty()) throw Error(fmt::format("text file {} is empty", o.text_file));
+  if (text.empty()) throw Error(fmt::format("text file {} is empty", path));
+  return text;
+}
 
-  auto model = load_model(o.model);
-  if (o.sweep.empty()) {
-    const std::string tk = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);
-    const std::string tv = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
-    configs.push_back(CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window});
-  }
-  configs.insert(configs.end(), swept.begin(), swept.end());
+// The text as one token stream, cut into the windows every cache is evaluated on.
+struct Windows {
+  std::vector<int32_t> tokens;  // the whole text; windows are its first count * ctx tokens
+  double tokenize_s = 0;
+  int64_t ctx = 0, count = 0;
+  int64_t first = 0;         // predictions made from positions first .. ctx-2 are scored
+  bool replace_bos = false;  // llama.cpp protocol: each window starts with BOS
+  int64_t scored_per_window() const { return ctx - 1 - first; }
+  int64_t evaluated() const { return count * ctx; }
+};
 
-  const ModelInfo& info = model->info();
+Windows cut_windows(const Model& model, const std::string& text, const PerplexityOptions& o) {
   const bool llamacpp = o.protocol == "llamacpp";
-
+  Windows w;
   Stopwatch tok_clock;
-  const std::vector<int32_t> tokens = model->tokenize(text, model->add_bos_default());
-  const double tokenize_s = tok_clock.seconds();
-
-  const int64_t ctx = o.n_ctx;
-  int64_t n_windows = int64_t(tokens.size()) / ctx;  // the incomplete tail is dropped
-  if (n_windows == 0)
+  w.tokens = model.tokenize(text, model.add_bos_default());
+  w.tokenize_s = tok_clock.seconds();
+  w.ctx = o.n_ctx;
+  w.count = int64_t(w.tokens.size()) / w.ctx;  // the incomplete tail is dropped
+  if (w.count == 0)
     throw Error(fmt::format("{} has {} tokens, fewer than one window of {}: use a smaller -c or a longer text",
-                            o.text_file, tokens.size(), ctx));
-  if (o.chunks > 0) n_windows = std::min(n_windows, o.chunks);
-  // Predictions made from positions first .. ctx-2 (each predicts the next token).
-  const int64_t first = llamacpp ? ctx / 2 : 0;
-  const bool replace_bos = llamacpp && model->add_bos_default() && model->bos_id() >= 0;
+                            o.text_file, w.tokens.size(), w.ctx));
+  if (o.chunks > 0) w.count = std::min(w.count, o.chunks);
+  w.first = llamacpp ? w.ctx / 2 : 0;
+  w.replace_bos = llamacpp && model.add_bos_default() && model.bos_id() >= 0;
+  return w;
+}
 
+std::vector<std::unique_ptr<Session>> open_sessions(const std::shared_ptr<const Model>& model,
+                                                    const std::vector<CacheConfig>& configs,
+                                                    const PerplexityOptions& o) {
   std::vector<std::unique_ptr<Session>> sessions;
   for (const CacheConfig& c : configs) {
     SessionParams sp;
-    sp.n_ctx = ctx;
+    sp.n_ctx = o.n_ctx;
     sp.n_threads = o.threads;
     sp.n_batch = o.n_batch;
     sp.cache_type_k = c.type_k;
@@ -187,180 +205,250 @@ int perplexity(const PerplexityOptions& o) {
     sp.simd = o.simd;
     sessions.push_back(std::make_unique<Session>(model, sp));
   }
-  const int n_threads = sessions[0]->n_threads();
+  return sessions;
+}
 
-  if (info.n_ctx_train > 0 && ctx > info.n_ctx_train && !o.json)
-    fmt::print(stderr, "kvq: warning: window {} is longer than the model's training context {}\n", ctx,
+// Says on stderr what is about to run (not with --json, whose stderr stays quiet).
+void announce(const PerplexityOptions& o, const ModelInfo& info, const Windows& w,
+              const std::vector<CacheConfig>& configs, bool comparing, int n_threads) {
+  if (o.json) return;
+  if (info.n_ctx_train > 0 && w.ctx > info.n_ctx_train)
+    fmt::print(stderr, "kvq: warning: window {} is longer than the model's training context {}\n", w.ctx,
                info.n_ctx_train);
-  const bool progress = stderr_is_tty() && !o.json;
-  if (!o.json) {
-    std::string names;
-    for (const auto& c : configs) names += (names.empty() ? "" : ", ") + c.label;
-    fmt::print(stderr, "kvq: {} tokens; {} windows of {} ({} protocol, {} scored per window), KV {}{}, {} threads\n",
-               tokens.size(), n_windows, ctx, o.protocol, ctx - 1 - first, names,
-               comparing ? fmt::format(" (baseline {})", configs[0].label) : "", n_threads);
-  }
+  std::string names;
+  for (const auto& c : configs) names += (names.empty() ? "" : ", ") + c.label;
+  fmt::print(stderr, "kvq: {} tokens; {} windows of {} ({} protocol, {} scored per window), KV {}{}, {} threads\n",
+             w.tokens.size(), w.count, w.ctx, o.protocol, w.scored_per_window(), names,
+             comparing ? fmt::format(" (baseline {})", configs[0].label) : "", n_threads);
+}
 
-  const size_t n_vocab = size_t(info.n_vocab);
-  const int64_t n_scored_per_window = ctx - 1 - first;
-  // The baseline's log-probabilities of the current window, to compare the candidates with.
-  std::vector<float> base_logp(comparing ? size_t(n_scored_per_window) * n_vocab : 0);
-  std::vector<double> base_nll(comparing ? size_t(n_scored_per_window) : 0);
-  std::vector<uint32_t> base_top(comparing ? size_t(n_scored_per_window) : 0);
+// How a cache's predictions are scored: alone (NLL only), or as the baseline of a comparison
+// (its predictions are remembered) or as a candidate (compared with the remembered ones).
+enum class Role { alone, baseline, candidate };
+
+// The baseline's predictions on the current window, per scored position.
+struct BaselineWindow {
+  size_t n_vocab = 0;
+  std::vector<float> logp;  // log-probabilities, n_vocab per position
+  std::vector<double> nll;
+  std::vector<uint32_t> top;  // top-1 token
+  BaselineWindow(bool comparing, size_t n_vocab, int64_t positions)
+      : n_vocab(n_vocab),
+        logp(comparing ? size_t(positions) * n_vocab : 0),
+        nll(comparing ? size_t(positions) : 0),
+        top(comparing ? size_t(positions) : 0) {}
+};
+
+// -log p(target) of the baseline's prediction at scored position k, which is remembered for the candidates.
+double remember_baseline(std::span<const float> logits, int32_t target, size_t k, BaselineWindow& base) {
+  float* lp = &base.logp[k * base.n_vocab];
+  log_softmax(logits, lp);
+  const double nll = -double(lp[size_t(target)]);
+  base.nll[k] = nll;
+  base.top[k] = uint32_t(argmax(logits));
+  return nll;
+}
+
+// -log p(target) of a candidate's prediction at scored position k; adds its paired differences to the
+// baseline's prediction there (NLL difference, KL divergence, top-1 agreement) to `sc`.
+double compare_with_baseline(std::span<const float> logits, int32_t target, size_t k, const BaselineWindow& base,
+                             std::vector<float>& logp, Score& sc) {
+  log_softmax(logits, logp.data());
+  const double nll = -double(logp[size_t(target)]);
+  // KL(baseline || candidate) = sum_i p_i (log p_i - log q_i).
+  const float* bp = &base.logp[k * base.n_vocab];
+  double kl = 0;
+  for (size_t i = 0; i < base.n_vocab; ++i) kl += std::exp(double(bp[i])) * (double(bp[i]) - double(logp[i]));
+  sc.kld.push_back(float(std::max(0.0, kl)));
+  const double d = nll - base.nll[k];
+  sc.sum_diff += d;
+  sc.sum_diff2 += d * d;
+  sc.top1_same += argmax(logits) == base.top[k];
+  return nll;
+}
+
+// Evaluates one window from an empty cache and adds its scored predictions to `sc`.
+// `logp` is scratch for a candidate's log-probabilities (n_vocab).
+void score_window(Session& session, std::span<const int32_t> window, const Windows& w, Role role,
+                  BaselineWindow& base, std::vector<float>& logp, Score& sc) {
+  session.reset();
+  session.eval_all(window, [&](int64_t index, std::span<const float> logits) {
+    if (index < w.first || index + 1 >= w.ctx) return;
+    const size_t k = size_t(index - w.first);
+    const int32_t target = window[size_t(index + 1)];
+    const double nll = role == Role::alone      ? nll_of(logits, target)
+                       : role == Role::baseline ? remember_baseline(logits, target, k, base)
+                                                : compare_with_baseline(logits, target, k, base, logp, sc);
+    if (!std::isfinite(nll)) sc.non_finite = true;
+    sc.sum_nll += nll;
+    sc.sum_nll2 += nll * nll;
+    ++sc.n;
+  });
+}
+
+struct Evaluation {
+  std::vector<Score> scores;  // one per cache config
+  double seconds = 0;
+};
+
+// Every cache on every window. Windows outside, caches inside: the baseline's log-probabilities
+// (n_vocab floats per position) are kept for the current window only.
+Evaluation evaluate(const Model& model, const Windows& w, const std::vector<CacheConfig>& configs,
+                    std::vector<std::unique_ptr<Session>>& sessions, bool comparing, bool progress) {
+  const size_t n_vocab = size_t(model.info().n_vocab);
+  BaselineWindow base(comparing, n_vocab, w.scored_per_window());
   std::vector<float> logp(n_vocab);
-  std::vector<Score> scores(configs.size());
-  std::vector<int32_t> window(static_cast<size_t>(ctx));
+  Evaluation ev;
+  ev.scores.resize(configs.size());
+  std::vector<int32_t> window(static_cast<size_t>(w.ctx));
   Stopwatch eval_clock;
-  for (int64_t w = 0; w < n_windows; ++w) {
-    const int32_t* begin = tokens.data() + w * ctx;
-    std::copy(begin, begin + ctx, window.begin());
-    if (replace_bos) window[0] = model->bos_id();
+  for (int64_t i = 0; i < w.count; ++i) {
+    const int32_t* begin = w.tokens.data() + i * w.ctx;
+    std::copy(begin, begin + w.ctx, window.begin());
+    if (w.replace_bos) window[0] = model.bos_id();
     for (size_t c = 0; c < configs.size(); ++c) {
-      const bool is_base = comparing && c == 0;
-      Score& sc = scores[c];
-      Session& session = *sessions[c];
+      const Role role = !comparing ? Role::alone : c == 0 ? Role::baseline : Role::candidate;
+      Score& sc = ev.scores[c];
       Stopwatch clock;
-      session.reset();
-      session.eval_all(window, [&](int64_t index, std::span<const float> logits) {
-        if (index < first || index + 1 >= ctx) return;
-        const size_t k = size_t(index - first);
-        const int32_t target = window[size_t(index + 1)];
-        double nll;
-        if (comparing) {
-          float* lp = is_base ? &base_logp[k * n_vocab] : logp.data();
-          log_softmax(logits, lp);
-          nll = -double(lp[size_t(target)]);
-          if (is_base) {
-            base_nll[k] = nll;
-            base_top[k] = uint32_t(argmax(logits));
-          } else {
-            // KL(baseline || candidate) = sum_i p_i (log p_i - log q_i).
-            const float* bp = &base_logp[k * n_vocab];
-            double kl = 0;
-            for (size_t i = 0; i < n_vocab; ++i) kl += std::exp(double(bp[i])) * (double(bp[i]) - double(lp[i]));
-            sc.kld.push_back(float(std::max(0.0, kl)));
-            const double d = nll - base_nll[k];
-            sc.sum_diff += d;
-            sc.sum_diff2 += d * d;
-            sc.top1_same += argmax(logits) == base_top[k];
-          }
-        } else {
-          nll = nll_of(logits, target);
-        }
-        if (!std::isfinite(nll)) sc.non_finite = true;
-        sc.sum_nll += nll;
-        sc.sum_nll2 += nll * nll;
-        ++sc.n;
-      });
+      score_window(*sessions[c], window, w, role, base, logp, sc);
       sc.seconds += clock.seconds();
-      sc.kv = session.kv_stats();
+      sc.kv = sessions[c]->kv_stats();
       if (sc.non_finite)
         throw Error(fmt::format("KV cache {}: the model produced non-finite logits: the perplexity is undefined",
                                 configs[c].label));
       if (progress) {
-        fmt::print(stderr, "\r[{}/{}] {} PPL {:.4f}  {:.1f} tokens/s          ", w + 1, n_windows, configs[c].label,
-                   sc.ppl(), double((w + 1) * ctx) / sc.seconds);
+        fmt::print(stderr, "\r[{}/{}] {} PPL {:.4f}  {:.1f} tokens/s          ", i + 1, w.count, configs[c].label,
+                   sc.ppl(), double((i + 1) * w.ctx) / sc.seconds);
         std::fflush(stderr);
       }
     }
   }
-  const double eval_s = eval_clock.seconds();
+  ev.seconds = eval_clock.seconds();
   if (progress) fmt::print(stderr, "\n");
+  return ev;
+}
 
-  const int64_t n_evaluated = n_windows * ctx;
-  // Bits per cached element as allocated at the end of a window (everything counted).
-  const double elements = double(ctx) * info.n_layer * info.n_head_kv * info.head_dim;
-  auto describe = [&](size_t c) {
-    const Score& sc = scores[c];
-    nlohmann::json j = {
-        {"name", configs[c].label},
-        {"type_k", configs[c].type_k},
-        {"type_v", configs[c].type_v},
-        {"sink", sc.kv.sink_tokens},
-        {"window", sc.kv.window_tokens},
-        {"ppl", sc.ppl()},
-        {"ppl_stderr", sc.ppl_se()},
-        {"mean_nll", sc.mean()},
-        // Bits of K/V storage (positions and RoPE angles, shared by the layers, apart).
-        {"bits_k", double(sc.kv.bytes_k) * 8 / elements},
-        {"bits_v", double(sc.kv.bytes_v) * 8 / elements},
-        {"bits_per_element", double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * elements)},
-        {"kv_bytes", sc.kv.bytes()},
-        {"kv_bytes_codes", sc.kv.bytes_codes},
-        {"kv_bytes_scales", sc.kv.bytes_scales},
-        {"kv_bytes_outliers", sc.kv.bytes_outliers},
-        {"kv_bytes_full_precision", sc.kv.bytes_full_precision},
-        {"kv_bytes_calibration", sc.kv.bytes_calibration},
-        {"kv_bytes_positions", sc.kv.bytes_positions},
-        {"tokens_per_s", double(n_evaluated) / sc.seconds},
-    };
-    if (comparing && c > 0) {
-      const double md = sc.sum_diff / double(sc.n);
-      const double se = Score::se_of_mean(sc.sum_diff, sc.sum_diff2, sc.n);
-      const double ratio = std::exp(md);
-      j["ppl_delta_pct"] = (ratio - 1) * 100;
-      j["ppl_delta_pct_se"] = ratio * se * 100;
-      j["mean_nll_diff"] = md;
-      double kl_sum = 0;
-      for (float k : sc.kld) kl_sum += k;
-      j["kld_mean"] = kl_sum / double(sc.kld.size());
-      j["kld_p99"] = percentile(sc.kld, 0.99);
-      j["top1_agreement"] = double(sc.top1_same) / double(sc.n);
-    }
-    return j;
+// A candidate's paired statistics against the baseline, on the same tokens.
+void add_paired_stats(nlohmann::json& j, const Score& sc) {
+  const double md = sc.sum_diff / double(sc.n);
+  const double se = Score::se_of_mean(sc.sum_diff, sc.sum_diff2, sc.n);
+  const double ratio = std::exp(md);
+  j["ppl_delta_pct"] = (ratio - 1) * 100;
+  j["ppl_delta_pct_se"] = ratio * se * 100;
+  j["mean_nll_diff"] = md;
+  double kl_sum = 0;
+  for (float k : sc.kld) kl_sum += k;
+  j["kld_mean"] = kl_sum / double(sc.kld.size());
+  j["kld_p99"] = percentile(sc.kld, 0.99);
+  j["top1_agreement"] = double(sc.top1_same) / double(sc.n);
+}
+
+// K or V elements cached at the end of a window (for bits per element: everything allocated counts).
+double cached_elements(const ModelInfo& info, const Windows& w) {
+  return double(w.ctx) * info.n_layer * info.n_head_kv * info.head_dim;
+}
+
+// One cache's result: the JSON object that both the --json output and the table print.
+nlohmann::json cache_json(const CacheConfig& config, const Score& sc, bool candidate, double elements,
+                          int64_t n_evaluated) {
+  nlohmann::json j = {
+      {"name", config.label},
+      {"type_k", config.type_k},
+      {"type_v", config.type_v},
+      {"sink", sc.kv.sink_tokens},
+      {"window", sc.kv.window_tokens},
+      {"ppl", sc.ppl()},
+      {"ppl_stderr", sc.ppl_se()},
+      {"mean_nll", sc.mean()},
+      // Bits of K/V storage (positions and RoPE angles, shared by the layers, apart).
+      {"bits_k", double(sc.kv.bytes_k) * 8 / elements},
+      {"bits_v", double(sc.kv.bytes_v) * 8 / elements},
+      {"bits_per_element", double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * elements)},
+      {"kv_bytes", sc.kv.bytes()},
+      {"kv_bytes_codes", sc.kv.bytes_codes},
+      {"kv_bytes_scales", sc.kv.bytes_scales},
+      {"kv_bytes_outliers", sc.kv.bytes_outliers},
+      {"kv_bytes_full_precision", sc.kv.bytes_full_precision},
+      {"kv_bytes_calibration", sc.kv.bytes_calibration},
+      {"kv_bytes_positions", sc.kv.bytes_positions},
+      {"tokens_per_s", double(n_evaluated) / sc.seconds},
   };
+  if (candidate) add_paired_stats(j, sc);
+  return j;
+}
 
+// What every perplexity report is made of.
+struct Report {
+  const PerplexityOptions& o;
+  const ModelInfo& info;
+  const Windows& windows;
+  const std::vector<CacheConfig>& configs;  // the baseline first when comparing
+  const Evaluation& ev;
+  bool comparing;
+  int n_threads;
+
+  nlohmann::json cache(size_t c) const {
+    return cache_json(configs[c], ev.scores[c], comparing && c > 0, cached_elements(info, windows),
+                      windows.evaluated());
+  }
+};
+
+nlohmann::json report_json(const Report& r) {
+  const Windows& w = r.windows;
   nlohmann::json out = {
-      {"n_tokens_scored", scores[0].n},
-      {"n_tokens_evaluated", n_evaluated},
-      {"n_tokens_text", tokens.size()},
-      {"n_windows", n_windows},
-      {"ctx", ctx},
-      {"protocol", o.protocol},
-      {"eval_seconds", eval_s},
-      {"tokenize_seconds", tokenize_s},
-      {"model", info.path.empty() ? resolved_model_path(o.model) : info.path},
-      {"text_file", o.text_file},
-      {"threads", n_threads},
+      {"n_tokens_scored", r.ev.scores[0].n},
+      {"n_tokens_evaluated", w.evaluated()},
+      {"n_tokens_text", w.tokens.size()},
+      {"n_windows", w.count},
+      {"ctx", w.ctx},
+      {"protocol", r.o.protocol},
+      {"eval_seconds", r.ev.seconds},
+      {"tokenize_seconds", w.tokenize_s},
+      {"model", r.info.path.empty() ? resolved_model_path(r.o.model) : r.info.path},
+      {"text_file", r.o.text_file},
+      {"threads", r.n_threads},
   };
-  if (comparing) {
-    out["baseline"] = describe(0);
+  if (r.comparing) {
+    out["baseline"] = r.cache(0);
     out["candidates"] = nlohmann::json::array();
-    for (size_t c = 1; c < configs.size(); ++c) out["candidates"].push_back(describe(c));
-  } else if (configs.size() == 1) {
+    for (size_t c = 1; c < r.configs.size(); ++c) out["candidates"].push_back(r.cache(c));
+  } else if (r.configs.size() == 1) {
     // The single-cache result keeps its flat shape.
-    const nlohmann::json single = describe(0);  // (iterating a temporary's items() would dangle)
+    const nlohmann::json single = r.cache(0);  // (iterating a temporary's items() would dangle)
     for (const auto& [key, value] : single.items()) out[key] = value;
-    out["kv_type_k"] = configs[0].type_k;
-    out["kv_type_v"] = configs[0].type_v;
+    out["kv_type_k"] = r.configs[0].type_k;
+    out["kv_type_v"] = r.configs[0].type_v;
   } else {
     out["candidates"] = nlohmann::json::array();
-    for (size_t c = 0; c < configs.size(); ++c) out["candidates"].push_back(describe(c));
+    for (size_t c = 0; c < r.configs.size(); ++c) out["candidates"].push_back(r.cache(c));
   }
-  if (o.json) {
-    write_stdout(dump_json(out) + "\n");
-    return 0;
-  }
+  return out;
+}
 
-  if (!comparing && configs.size() == 1) {
-    const Score& sc = scores[0];
-    write_stdout(fmt::format("PPL = {:.4f} +/- {:.4f}\n", sc.ppl(), sc.ppl_se()));
-    write_stdout(fmt::format("mean NLL {:.5f} nats over {} scored tokens ({} windows of {}, {} protocol)\n",
-                             sc.mean(), sc.n, n_windows, ctx, o.protocol));
-    write_stdout(fmt::format("speed {:.1f} tokens/s ({} tokens evaluated in {:.2f} s, {} threads)\n",
-                             double(n_evaluated) / sc.seconds, n_evaluated, sc.seconds, n_threads));
-    write_stdout(fmt::format("KV cache K {} / V {}: {} ({:.3f} bits per element)\n", configs[0].type_k,
-                             configs[0].type_v, format_bytes(sc.kv.bytes()),
-                             double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * elements)));
-    return 0;
-  }
-  write_stdout(fmt::format("{} windows of {} tokens, {} scored per cache ({} protocol), {} threads\n", n_windows, ctx,
-                           scores[0].n, o.protocol, n_threads));
+// One cache, nothing to compare: a few lines.
+void print_single(const Report& r) {
+  const Windows& w = r.windows;
+  const Score& sc = r.ev.scores[0];
+  write_stdout(fmt::format("PPL = {:.4f} +/- {:.4f}\n", sc.ppl(), sc.ppl_se()));
+  write_stdout(fmt::format("mean NLL {:.5f} nats over {} scored tokens ({} windows of {}, {} protocol)\n",
+                           sc.mean(), sc.n, w.count, w.ctx, r.o.protocol));
+  write_stdout(fmt::format("speed {:.1f} tokens/s ({} tokens evaluated in {:.2f} s, {} threads)\n",
+                           double(w.evaluated()) / sc.seconds, w.evaluated(), sc.seconds, r.n_threads));
+  write_stdout(fmt::format("KV cache K {} / V {}: {} ({:.3f} bits per element)\n", r.configs[0].type_k,
+                           r.configs[0].type_v, format_bytes(sc.kv.bytes()),
+                           double(sc.kv.bytes() - sc.kv.bytes_positions) * 8 / (2 * cached_elements(r.info, w))));
+}
+
+// Several caches (or a comparison): one table row per cache, "-" where there is no baseline to compare with.
+void print_table(const Report& r) {
+  write_stdout(fmt::format("{} windows of {} tokens, {} scored per cache ({} protocol), {} threads\n",
+                           r.windows.count, r.windows.ctx, r.ev.scores[0].n, r.o.protocol, r.n_threads));
   write_stdout(fmt::format("{:<24} {:>6} {:>6} {:>6} {:>4} {:>10} {:>9} {:>18} {:>9} {:>9} {:>7} {:>9}\n", "cache",
                            "bits", "K", "V", "sink", "KV bytes", "PPL", "dPPL% +/- se", "KLD", "KLD p99", "top1",
                            "tok/s"));
-  for (size_t c = 0; c < configs.size(); ++c) {
-    const nlohmann::json j = describe(c);
+  for (size_t c = 0; c < r.configs.size(); ++c) {
+    const nlohmann::json j = r.cache(c);
+    const Score& sc = r.ev.scores[c];
     std::string delta = "-", kld = "-", kld99 = "-", top1 = "-";
     if (j.contains("ppl_delta_pct")) {
       delta = fmt::format("{:+.3f} +/- {:.3f}", j["ppl_delta_pct"].get<double>(), j["ppl_delta_pct_se"].get<double>());
@@ -369,10 +457,34 @@ int perplexity(const PerplexityOptions& o) {
       top1 = fmt::format("{:.2f}%", 100 * j["top1_agreement"].get<double>());
     }
     write_stdout(fmt::format("{:<24} {:>6.3f} {:>6.3f} {:>6.3f} {:>4} {:>10} {:>9.4f} {:>18} {:>9} {:>9} {:>7} {:>9.1f}\n",
-                             configs[c].label, j["bits_per_element"].get<double>(), j["bits_k"].get<double>(),
-                             j["bits_v"].get<double>(), scores[c].kv.sink_tokens, format_bytes(scores[c].kv.bytes()),
-                             scores[c].ppl(), delta, kld, kld99, top1, j["tokens_per_s"].get<double>()));
+                             r.configs[c].label, j["bits_per_element"].get<double>(), j["bits_k"].get<double>(),
+                             j["bits_v"].get<double>(), sc.kv.sink_tokens, format_bytes(sc.kv.bytes()), sc.ppl(),
+                             delta, kld, kld99, top1, j["tokens_per_s"].get<double>()));
   }
+}
+
+int perplexity(const PerplexityOptions& o) {
+  const bool comparing = !o.compare.empty();
+  std::vector<CacheConfig> configs = parse_cache_specs(o);
+  const std::string text = read_text(o.text_file);
+  auto model = load_model(o.model);
+  if (o.sweep.empty()) configs.push_back(flags_cache(o, model));  // after the model: "auto" types need it
+
+  const Windows windows = cut_windows(*model, text, o);
+  std::vector<std::unique_ptr<Session>> sessions = open_sessions(model, configs, o);
+  const int n_threads = sessions[0]->n_threads();
+  announce(o, model->info(), windows, configs, comparing, n_threads);
+
+  const bool progress = stderr_is_tty() && !o.json;
+  const Evaluation ev = evaluate(*model, windows, configs, sessions, comparing, progress);
+
+  const Report report{o, model->info(), windows, configs, ev, comparing, n_threads};
+  if (o.json)
+    write_stdout(dump_json(report_json(report)) + "\n");
+  else if (!comparing && configs.size() == 1)
+    print_single(report);
+  else
+    print_table(report);
   return 0;
 }
 
