@@ -41,14 +41,17 @@ struct CacheConfig {
   std::string type_k, type_v;
   int sink = -1;
   int64_t window = 0;
+  bool rotate_values = false;
 };
 
-// "K[/V][+sinkN][+winN]", e.g. "nuq3-1%", "nuq4-1%/f16+sink0", "int3+win64".
+// "K[/V][+sinkN][+winN][+rotv]", e.g. "nuq3-1%", "nuq4-1%/f16+sink0", "int3+win64",
+// "nuq4-1%+rotv" (values rotated before quantization).
 CacheConfig parse_cache_spec(const std::string& spec, const KvCacheOptions& defaults) {
   CacheConfig c;
   c.label = spec;
   c.sink = defaults.sink;
   c.window = defaults.window;
+  c.rotate_values = defaults.rotate_values;
   std::vector<std::string> parts;
   for (size_t at = 0;;) {
     const size_t plus = spec.find('+', at);
@@ -72,8 +75,10 @@ CacheConfig parse_cache_spec(const std::string& spec, const KvCacheOptions& defa
   for (size_t i = 1; i < parts.size(); ++i) {
     if (parts[i].rfind("sink", 0) == 0) c.sink = int(number(parts[i], 4));
     else if (parts[i].rfind("win", 0) == 0) c.window = number(parts[i], 3);
+    else if (parts[i] == "rotv") c.rotate_values = true;
     else
-      throw UsageError(fmt::format("cache spec '{}': unknown modifier '{}' (use +sinkN or +winN)", spec, parts[i]));
+      throw UsageError(
+          fmt::format("cache spec '{}': unknown modifier '{}' (use +sinkN, +winN or +rotv)", spec, parts[i]));
   }
   return c;
 }
@@ -145,7 +150,7 @@ std::vector<CacheConfig> parse_cache_specs(const PerplexityOptions& o) {
 CacheConfig flags_cache(const PerplexityOptions& o, const std::shared_ptr<const Model>& model) {
   const std::string tk = resolve_cache_type(o.type_k, model, o.kv, /*quiet=*/true);
   const std::string tv = resolve_cache_type(o.type_v, model, o.kv, /*quiet=*/true);
-  return CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window};
+  return CacheConfig{tk == tv ? tk : tk + "/" + tv, tk, tv, o.kv.sink, o.kv.window, o.kv.rotate_values};
 }
 
 std::string read_text(const std::string& path) {
@@ -202,6 +207,7 @@ std::vector<std::unique_ptr<Session>> open_sessions(const std::shared_ptr<const 
     sp.kv_calibration = o.kv.calibration;
     sp.kv_sink = c.sink;
     sp.kv_window = c.window;
+    sp.kv_rotate_values = c.rotate_values;
     sp.simd = o.simd;
     sessions.push_back(std::make_unique<Session>(model, sp));
   }
@@ -357,6 +363,7 @@ nlohmann::json cache_json(const CacheConfig& config, const Score& sc, bool candi
       {"type_v", config.type_v},
       {"sink", sc.kv.sink_tokens},
       {"window", sc.kv.window_tokens},
+      {"values_rotated", sc.kv.values_rotated},
       {"ppl", sc.ppl()},
       {"ppl_stderr", sc.ppl_se()},
       {"mean_nll", sc.mean()},

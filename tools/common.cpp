@@ -226,6 +226,7 @@ void KvCacheOptions::apply_to(SessionParams& sp) const {
   sp.kv_sink = sink;
   sp.kv_window = window;
   sp.kv_calibration = calibration;
+  sp.kv_rotate_values = rotate_values;
 }
 
 void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv) {
@@ -239,6 +240,8 @@ void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv) {
       ->type_name("N")
       ->check(int_range(0, kMaxCtx))
       ->capture_default_str();
+  app.add_flag("--kv-rotate-values", kv.rotate_values,
+               "rotate each value vector (Walsh-Hadamard) before it is quantized; head sizes that are powers of two");
   app.add_option("--kv-calib", kv.calibration,
                  "calibration sidecar for KV formats that need one (default: <model>.kvcalib.gguf)")
       ->type_name("FILE");

@@ -46,6 +46,7 @@ struct KvCacheOptions {
   int sink = -1;            // -1: the format's default
   int64_t window = 0;       // 0: off
   std::string calibration;  // empty: the model's default sidecar path
+  bool rotate_values = false;
   void apply_to(SessionParams& sp) const;
 };
 void add_kv_cache_flags(CLI::App& app, KvCacheOptions& kv);

@@ -166,6 +166,10 @@ struct SessionParams {
   std::string kv_calibration;  // sidecar for formats that need one; empty = the model's default path
   int kv_sink = -1;            // first tokens kept in full precision; -1 = format default (1 for KVQuant)
   int64_t kv_window = 0;       // most recent tokens kept in full precision (0 = off)
+  // Value vectors Walsh-Hadamard rotated before they are quantized (attention
+  // rotates each head's output back once per token); head sizes must be powers
+  // of two. The "-rot" formats rotate keys and values by themselves.
+  bool kv_rotate_values = false;
   // The kernels this session runs, fixed when it is made (sessions in one
   // process may differ). `simd` caps the instruction set of every kernel:
   // "auto" (the best this CPU runs), "avx512", "avx2" or "scalar" (a level above
@@ -195,6 +199,7 @@ struct KvStats {
   int64_t n_ctx = 0;         // capacity
   int sink_tokens = 0;       // full-precision attention sink
   int64_t window_tokens = 0; // full-precision recent window
+  bool values_rotated = false; // values stored Walsh-Hadamard rotated (a "-rot" format or kv_rotate_values)
   uint64_t bytes_k = 0;      // bytes really allocated for keys (everything below included)
   uint64_t bytes_v = 0;      // and values
   // The same bytes by what they hold:

@@ -24,6 +24,8 @@ KvCache::KvCache(const KvCacheConfig& config) : config_(config) {
     if ((f->rotate_k || f->rotate_v) && !kv_is_power_of_two(config.head_dim))
       fail("KV cache type '{}' rotates head vectors and needs a head size that is a power of two (this model's is {})",
            f->name, config.head_dim);
+  if (config.rotate_values && !kv_is_power_of_two(config.head_dim))
+    fail("KV cache: rotated values need a head size that is a power of two (this model's is {})", config.head_dim);
   const KvGeometry geometry{config.n_kv_heads, config.head_dim};
   auto calibration = [&](const KvFormat& f, KvRole role, const std::vector<KvTensorCalibration>& c, int layer,
                          const char* what) -> const KvTensorCalibration* {
@@ -136,7 +138,7 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   const int64_t row = int64_t(config_.n_kv_heads) * config_.head_dim;
   if (observer_) observer_(layer_index, batch_n_, positions_.data() + n_tokens_, k, v);
   const bool rope = !config_.k_format->keys_pre_rope;
-  const bool hadamard_k = config_.k_format->rotate_k, hadamard_v = config_.v_format->rotate_v;
+  const bool hadamard_k = config_.k_format->rotate_k, hadamard_v = values_rotated();
   const int hd = config_.head_dim;
   rotated_.resize(size_t(row));
   rotated_v_.resize(size_t(row));
@@ -197,7 +199,7 @@ KvLayerView KvCache::view(int layer_index) const {
   v.v = layer.v_codec->layout();
   v.keys_pre_rope = config_.k_format->keys_pre_rope;
   v.k_rotated = config_.k_format->rotate_k;
-  v.v_rotated = config_.v_format->rotate_v;
+  v.v_rotated = values_rotated();
   v.n_kv_heads = config_.n_kv_heads;
   v.head_dim = config_.head_dim;
   v.n_tokens = layer.stored;

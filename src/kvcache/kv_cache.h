@@ -29,6 +29,10 @@ struct KvCacheConfig {
   int sink_tokens = 0;             // the first tokens (attention sink), always
   int64_t window_tokens = 0;       // the most recent tokens: for a query at position P,
                                    // every key/value at a position > P - window_tokens
+  // Values Walsh-Hadamard rotated before encoding whatever the format (as
+  // KvFormat::rotate_v does for its rows): per-token value formats, KVQuant's
+  // included, then quantize vectors whose outlier channels are spread out.
+  bool rotate_values = false;
   // Per-layer calibration for formats that need it (empty otherwise).
   std::vector<KvTensorCalibration> k_calibration, v_calibration;
 };
@@ -62,6 +66,8 @@ class KvCache {
   void end_batch();
   void abort_batch();
   int64_t batch_size() const { return batch_n_; }
+  // Values stored Walsh-Hadamard rotated (the format's rows or rotate_values).
+  bool values_rotated() const { return config_.v_format->rotate_v || config_.rotate_values; }
 
   // The layer's readable tokens: committed ones plus the current batch (if stored).
   KvLayerView view(int layer) const;

@@ -137,6 +137,7 @@ KvCacheConfig cache_config(const LlamaHparams& hp, const SessionParams& p) {
   if (p.kv_window < 0) fail("window token count {} is negative", p.kv_window);
   cfg.sink_tokens = p.kv_sink >= 0 ? p.kv_sink : (cfg.k_format->kvquant || cfg.v_format->kvquant ? 1 : 0);
   cfg.window_tokens = p.kv_window;
+  cfg.rotate_values = p.kv_rotate_values;
   return cfg;
 }
 
@@ -227,6 +228,7 @@ KvStats make_stats(const KvCacheConfig& c, int64_t n_tokens, const KvMemory& m) 
   st.n_ctx = c.n_ctx;
   st.sink_tokens = c.sink_tokens;
   st.window_tokens = c.window_tokens;
+  st.values_rotated = c.v_format->rotate_v || c.rotate_values;
   st.bytes_k = m.k;
   st.bytes_v = m.v;
   st.bytes_codes = m.codes;

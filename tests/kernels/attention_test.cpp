@@ -134,13 +134,15 @@ struct Case {
   float q_amp = 1.0f, k_amp = 1.0f, v_amp = 1.0f;
   bool zero_q = false;
   float scale = 0;  // 0: 1/sqrt(hd)
+  bool rotate_values = false;  // KvCacheConfig::rotate_values
 
   std::string str() const {
     return "n_tokens=" + std::to_string(n_tokens) + " n_q=" + std::to_string(n_q) +
            " group=" + std::to_string(group) + " n_kv=" + std::to_string(n_kv) + " hd=" + std::to_string(hd) +
            " threads=" + std::to_string(threads) + " fmt=" + fmt + " pos0=" + std::to_string(pos0) +
            " step=" + std::to_string(pos_step) + " jump_at=" + std::to_string(jump_at) +
-           " neox=" + std::to_string(neox) + " n_rot=" + std::to_string(n_rot) + " seed=" + std::to_string(seed);
+           " neox=" + std::to_string(neox) + " n_rot=" + std::to_string(n_rot) + " seed=" + std::to_string(seed) +
+           (rotate_values ? " rotv" : "");
   }
 };
 
@@ -169,6 +171,7 @@ struct AttnSetup {
     cfg.rope.head_dim = c.hd;
     cfg.rope.n_rot = c.n_rot ? c.n_rot : c.hd;
     cfg.rope.neox = c.neox;
+    cfg.rotate_values = c.rotate_values;
     const KvFormat& f = kv_format(c.fmt);
     if (f.needs_calibration(KvRole::key) || f.needs_calibration(KvRole::value)) {
       // Bounds a little inside the data (so 1% formats find outliers) and a
@@ -374,6 +377,27 @@ TEST(Attention, PackedValuesMatchReferenceHeadSizesGroups) {
           c.seed = uint32_t(1300 + k++);
           check_case(c);
         }
+}
+
+// Values rotated before quantization (KvCacheConfig::rotate_values) under
+// formats that do not rotate by themselves: KVQuant presets (packed values in
+// decode), a block format and plain floats; decode, a short and a long batch.
+TEST(Attention, RotatedValuesMatchReference) {
+  int k = 0;
+  for (const char* fmt : {"nuq4-1%", "int4-ch-1%", "nuq2-1%", "q4_0", "f16"})
+    for (int64_t nq : {1, 7, 140}) {
+      Case c;
+      c.n_tokens = nq == 1 ? 400 : 200;
+      c.n_q = nq;
+      c.group = 3;
+      c.n_kv = 2;
+      c.hd = 64;
+      c.threads = 2;
+      c.fmt = fmt;
+      c.rotate_values = true;
+      c.seed = uint32_t(1700 + k++);
+      check_case(c);
+    }
 }
 
 TEST(Attention, MatchesReferenceHeadSizesGroupsFormats) {

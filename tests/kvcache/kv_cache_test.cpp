@@ -529,6 +529,36 @@ TEST(KvCacheRotated, StoresRotatedRowsAndSpreadsOutliers) {
   }
 }
 
+// KvCacheConfig::rotate_values rotates the values of any format (here the
+// per-token 4-bit one a KVQuant preset uses for values); keys stay as they are.
+TEST(KvCacheRotated, RotateValuesOptionOnAnyFormat) {
+  const int hd = 64, n = 70;
+  auto error_of = [&](bool rotate) {
+    KvCacheConfig c = make_config("int4", 1, 2, hd, 200);
+    c.rotate_values = rotate;
+    KvCache cache(c);
+    EXPECT_EQ(cache.values_rotated(), rotate);
+    std::vector<float> k = random_vec(n * 2 * hd, 31), v = random_vec(n * 2 * hd, 32);
+    for (int64_t i = 0; i < n; ++i) v[size_t(i * 2 * hd + (i * 5) % hd)] = 25.0f;
+    append(cache, iota_pos(0, n), {k}, {v});
+    const KvLayerView kv = cache.view(0);
+    EXPECT_EQ(kv.v_rotated, rotate);
+    EXPECT_FALSE(kv.k_rotated);
+    double err = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      std::vector<float> got(static_cast<size_t>(hd));
+      for (int d = 0; d < hd; ++d) got[size_t(d)] = read_v(kv, i, 0, d);
+      if (rotate) kv_hadamard(got.data(), hd);
+      for (int d = 0; d < hd; ++d) err += std::pow(got[size_t(d)] - v[size_t(i * 2 * hd + d)], 2);
+    }
+    return err;
+  };
+  EXPECT_LT(error_of(true), 0.5 * error_of(false));
+  KvCacheConfig odd = make_config("int4", 1, 2, 80, 200);
+  odd.rotate_values = true;
+  EXPECT_THROW(KvCache{odd}, Error);
+}
+
 TEST(KvCacheRotated, RejectsHeadSizesThatAreNotPowersOfTwo) {
   try {
     KvCache cache(make_config("q4_0-rot", 1, 2, 80, 200));

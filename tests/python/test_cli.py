@@ -304,7 +304,23 @@ def test_perplexity_sweep_orders_formats_by_damage(model, wiki_20k):
             + x["kv_bytes_full_precision"] + x["kv_bytes_calibration"] + x["kv_bytes_positions"]
 
 
-@pytest.mark.parametrize("spec", ["nope", "f16/nope", "f16+sink", "f16+bogus3", "f16+win-1"])
+def test_perplexity_rotated_caches(model, wiki_20k):
+    # The rotated baseline and values rotated under another format: both run,
+    # say so in the JSON, hold the bytes of their unrotated formats, and stay
+    # closer to f16 than 2-bit codes do.
+    p = run_kvq("perplexity", "-m", model, "-f", wiki_20k, "-c", "128", "--chunks", "2",
+                "--compare", "f16", "--sweep", "q4_0", "--sweep", "q4_0-rot", "--sweep", "int4+rotv",
+                "--sweep", "int2", "--json")
+    assert p.returncode == 0, text(p.stderr)
+    c = {x["name"]: x for x in json.loads(p.stdout)["candidates"]}
+    assert c["q4_0-rot"]["kv_bytes"] == c["q4_0"]["kv_bytes"]
+    assert c["q4_0-rot"]["values_rotated"] and c["int4+rotv"]["values_rotated"]
+    assert not c["q4_0"]["values_rotated"]
+    for name in ("q4_0-rot", "int4+rotv"):
+        assert c[name]["kld_mean"] < c["int2"]["kld_mean"]
+
+
+@pytest.mark.parametrize("spec", ["nope", "f16/nope", "f16+sink", "f16+bogus3", "f16+win-1", "f16+rotk"])
 def test_perplexity_bad_sweep_spec(spec):
     assert_clean_error(run_kvq("perplexity", "-f", "x", "--compare", "f16", "--sweep", spec), code=2,
                        mentions=(spec,))
