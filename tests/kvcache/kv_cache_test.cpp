@@ -497,6 +497,14 @@ namespace {
 // alike; H x read back and turned back by H is x up to the format's rounding.
 // With an outlier channel per vector (the case rotation is for) the rotated
 // 4-bit block format reconstructs the vectors better than the plain one.
+// Token i's value vector of head h, one tile decode (read_v decodes one per element).
+std::vector<float> read_v_row(const KvLayerView& kv, int64_t i, int h) {
+  std::vector<float> tile(size_t(kv.head_dim) * kKvPageTokens);
+  kv_decode_value_tile(resolve_kernels({}), kv, i / kKvPageTokens, h, tile.data());
+  const float* row = tile.data() + (i % kKvPageTokens) * kv.head_dim;
+  return std::vector<float>(row, row + kv.head_dim);
+}
+
 TEST(KvCacheRotated, StoresRotatedRowsAndSpreadsOutliers) {
   const int hd = 64, n = 70;
   auto error_of = [&](const char* fmt, int sink) {
@@ -512,8 +520,7 @@ TEST(KvCacheRotated, StoresRotatedRowsAndSpreadsOutliers) {
     double err = 0;
     for (int64_t i = 0; i < n; ++i)
       for (int h = 0; h < 2; ++h) {
-        std::vector<float> got(static_cast<size_t>(hd));
-        for (int d = 0; d < hd; ++d) got[size_t(d)] = read_v(kv, i, h, d);
+        std::vector<float> got = read_v_row(kv, i, h);
         if (kv.v_rotated) kv_hadamard(got.data(), hd);
         for (int d = 0; d < hd; ++d) {
           const double e = got[size_t(d)] - v[size_t((i * 2 + h) * hd + d)];
@@ -546,8 +553,7 @@ TEST(KvCacheRotated, RotateValuesOptionOnAnyFormat) {
     EXPECT_FALSE(kv.k_rotated);
     double err = 0;
     for (int64_t i = 0; i < n; ++i) {
-      std::vector<float> got(static_cast<size_t>(hd));
-      for (int d = 0; d < hd; ++d) got[size_t(d)] = read_v(kv, i, 0, d);
+      std::vector<float> got = read_v_row(kv, i, 0);
       if (rotate) kv_hadamard(got.data(), hd);
       for (int d = 0; d < hd; ++d) err += std::pow(got[size_t(d)] - v[size_t(i * 2 * hd + d)], 2);
     }
