@@ -57,7 +57,8 @@ AttentionKernel attention_kernel_for(const KernelSet& ks, int head_dim, bool pac
 // "scalar", "avx2", "avx512" or "portable/<Highway target>", e.g. "portable/AVX3".
 std::string attention_kernel_name(const KernelSet& ks, AttentionKernel kernel);
 
-// The Highway targets compiled in that this CPU runs, best first.
+// The Highway targets compiled in that this CPU runs, best first (defined in
+// attention_hwy.cpp, the unit that decides which targets are compiled).
 std::vector<int64_t> portable_targets();
 const char* portable_target_name(int64_t target);
 
