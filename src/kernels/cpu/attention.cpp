@@ -265,10 +265,7 @@ class Task {
         for (int g = 0; g < group; ++g) {
           const int r = hh * p_.rows_max + int(t - t0_) * group + g;
           const float* src = a_.q + (t * a_.n_heads + (h0_ + hh) * group + g) * hd;
-          float* dst = sc_.q.data() + size_t(r) * hd;
-          for (int d = 0; d < hd; ++d) dst[d] = src[d] * a_.scale;
-          // Keys stored rotated: q . k = (H q) . (H k), H orthogonal.
-          if (kv_.k_rotated) kv_hadamard(dst, hd);
+          for (int d = 0; d < hd; ++d) sc_.q[size_t(r) * hd + d] = src[d] * a_.scale;
         }
   }
 
@@ -365,7 +362,17 @@ void merge_splits(const AttentionArgs& a, const Plan& p, const float* partial, i
 
 }  // namespace
 
-void attention(const AttentionArgs& a, ThreadPool& pool) {
+void attention(const AttentionArgs& args, ThreadPool& pool) {
+  // Keys stored rotated: q . k = (H q) . (H k), H orthogonal; every query
+  // vector turned once here rather than by each task that reads it.
+  std::vector<float> q_rotated;
+  AttentionArgs a = args;
+  if (a.kv.k_rotated) {
+    const int hd = a.kv.head_dim;
+    q_rotated.assign(a.q, a.q + a.n_q * a.n_heads * hd);
+    for (int64_t i = 0; i < a.n_q * a.n_heads; ++i) kv_hadamard(q_rotated.data() + i * hd, hd);
+    a.q = q_rotated.data();
+  }
   const Plan plan = make_plan(a, pool.size());
   // Partial states when the key range is split: per task, rows x (m, l, acc[hd]).
   const int64_t state_stride = a.kv.head_dim + 2;
