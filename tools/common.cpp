@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -52,11 +53,9 @@ void add_simd_flag(CLI::App& app, std::string& simd) {
       ->type_name("LEVEL")
       ->check(CLI::IsMember({"auto", "avx512", "avx2", "scalar"}))
       ->check([](const std::string& name) -> std::string {
-        const int rank = name == "avx512" ? 2 : name == "avx2" ? 1 : 0;
-        const std::string cpu = cpu_simd_level();
-        const int cpu_rank = cpu == "avx512" ? 2 : cpu == "avx2" ? 1 : 0;
-        if (name != "auto" && rank > cpu_rank) return fmt::format("this CPU runs at most {}", cpu);
-        return "";
+        const std::vector<std::string> levels = cpu_simd_levels();
+        if (name == "auto" || std::find(levels.begin(), levels.end(), name) != levels.end()) return "";
+        return fmt::format("this CPU runs at most {}", cpu_simd_level());
       })
       ->capture_default_str();
 }

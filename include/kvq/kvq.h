@@ -187,8 +187,10 @@ struct KernelInfo {
   std::string prefill_attention; // the attention kernel of long batches, e.g. "avx512", "portable/AVX2"
   std::string decode_attention;  // the one decode runs over the session's value format
 };
-// The SIMD level this CPU runs at most ("avx512", "avx2" or "scalar").
+// The SIMD level this CPU runs at most ("avx512", "avx2" or "scalar"), and
+// every level SessionParams::simd may name on it, best first ("auto" aside).
 std::string cpu_simd_level();
+std::vector<std::string> cpu_simd_levels();
 // The kernels a session of `model` with these parameters would run (only the
 // kernel fields and cache_type_v are read); throws as the session would.
 KernelInfo kernel_info(const Model& model, const SessionParams& params);

@@ -138,7 +138,7 @@ void KvCache::store(int layer_index, const float* k, const float* v) {
   const int64_t row = int64_t(config_.n_kv_heads) * config_.head_dim;
   if (observer_) observer_(layer_index, batch_n_, positions_.data() + n_tokens_, k, v);
   const bool rope = !config_.k_format->keys_pre_rope;
-  const bool hadamard_k = config_.k_format->rotate_k, hadamard_v = values_rotated();
+  const bool hadamard_k = config_.k_format->rotate_k, hadamard_v = config_.values_rotated();
   const int hd = config_.head_dim;
   rotated_.resize(size_t(row));
   rotated_v_.resize(size_t(row));
@@ -199,7 +199,7 @@ KvLayerView KvCache::view(int layer_index) const {
   v.v = layer.v_codec->layout();
   v.keys_pre_rope = config_.k_format->keys_pre_rope;
   v.k_rotated = config_.k_format->rotate_k;
-  v.v_rotated = values_rotated();
+  v.v_rotated = config_.values_rotated();
   v.n_kv_heads = config_.n_kv_heads;
   v.head_dim = config_.head_dim;
   v.n_tokens = layer.stored;

@@ -33,6 +33,8 @@ struct KvCacheConfig {
   // KvFormat::rotate_v does for its rows): per-token value formats, KVQuant's
   // included, then quantize vectors whose outlier channels are spread out.
   bool rotate_values = false;
+  // Values stored Walsh-Hadamard rotated: the format's rows or rotate_values.
+  bool values_rotated() const { return v_format->rotate_v || rotate_values; }
   // Per-layer calibration for formats that need it (empty otherwise).
   std::vector<KvTensorCalibration> k_calibration, v_calibration;
 };
@@ -66,8 +68,6 @@ class KvCache {
   void end_batch();
   void abort_batch();
   int64_t batch_size() const { return batch_n_; }
-  // Values stored Walsh-Hadamard rotated (the format's rows or rotate_values).
-  bool values_rotated() const { return config_.v_format->rotate_v || config_.rotate_values; }
 
   // The layer's readable tokens: committed ones plus the current batch (if stored).
   KvLayerView view(int layer) const;

@@ -207,6 +207,12 @@ KernelInfo Session::kernels() const {
 
 std::string cpu_simd_level() { return simd_level_name(detected_simd_level()); }
 
+std::vector<std::string> cpu_simd_levels() {
+  std::vector<std::string> levels;
+  for (int l = int(detected_simd_level()); l >= 0; --l) levels.push_back(simd_level_name(SimdLevel(l)));
+  return levels;
+}
+
 KernelInfo kernel_info(const Model& model, const SessionParams& params) {
   return describe_kernels(session_kernels(params.simd, params.attention_kernel), model.impl().llama.hparams().head_dim,
                           params.cache_type_v);
@@ -228,7 +234,7 @@ KvStats make_stats(const KvCacheConfig& c, int64_t n_tokens, const KvMemory& m) 
   st.n_ctx = c.n_ctx;
   st.sink_tokens = c.sink_tokens;
   st.window_tokens = c.window_tokens;
-  st.values_rotated = c.v_format->rotate_v || c.rotate_values;
+  st.values_rotated = c.values_rotated();
   st.bytes_k = m.k;
   st.bytes_v = m.v;
   st.bytes_codes = m.codes;

@@ -544,7 +544,7 @@ TEST(KvCacheRotated, RotateValuesOptionOnAnyFormat) {
     KvCacheConfig c = make_config("int4", 1, 2, hd, 200);
     c.rotate_values = rotate;
     KvCache cache(c);
-    EXPECT_EQ(cache.values_rotated(), rotate);
+    EXPECT_EQ(cache.config().values_rotated(), rotate);
     std::vector<float> k = random_vec(n * 2 * hd, 31), v = random_vec(n * 2 * hd, 32);
     for (int64_t i = 0; i < n; ++i) v[size_t(i * 2 * hd + (i * 5) % hd)] = 25.0f;
     append(cache, iota_pos(0, n), {k}, {v});

@@ -181,7 +181,7 @@ Plan make_plan(const AttentionArgs& a, int n_threads) {
 struct Scratch {
   std::vector<float> q, q_page, kt, v, s, acc, m, l;
   std::vector<int32_t> row_pos;
-  void reserve(const Plan& p, int hd) {
+  void resize_for(const Plan& p, int hd) {
     q.resize(size_t(p.task_rows) * hd);
     q_page.resize(size_t(p.rows_max) * hd);
     kt.resize(size_t(hd) * kTile);
@@ -380,7 +380,7 @@ void attention(const AttentionArgs& args, ThreadPool& pool) {
   std::atomic<int64_t> next{0};
   pool.run([&](int, int) {
     thread_local Scratch sc;
-    sc.reserve(plan, a.kv.head_dim);
+    sc.resize_for(plan, a.kv.head_dim);
     for (int64_t task; (task = next.fetch_add(1)) < plan.n_tasks;) {
       Task t(a, plan, sc, task);
       t.run();

@@ -32,9 +32,6 @@ KernelSet resolve_kernels(KernelSet ks) {
       ks.decoders = attention_kernel_for(ks, kAnyHeadDim) == AttentionKernel::portable ? TileDecoders::portable
                                                                                        : TileDecoders::codec;
   }
-#if !defined(__x86_64__)
-  if (ks.decoders == TileDecoders::avx2 || ks.decoders == TileDecoders::avx512) ks.decoders = TileDecoders::codec;
-#endif
   return ks;
 }
 

@@ -40,9 +40,6 @@ bool kv_score_key_tile(const KernelSet& ks, const KvLayerView& kv, int64_t p, in
 // hold zeros).
 void kv_page_angles(const KvLayerView& kv, int64_t p, float* cs);
 
-}  // namespace kvq
-
-namespace kvq {
 // Slot j's cos and sin (half each) into one page of a page-transposed angle
 // table (KvLayerView::rope_rel_cs's layout).
 inline void kv_put_slot_angles(float* page_cs, int j, const float* c, const float* s, int half) {
@@ -51,4 +48,5 @@ inline void kv_put_slot_angles(float* page_cs, int j, const float* c, const floa
     page_cs[(half + k) * kKvPageTokens + j] = s[k];
   }
 }
+
 }  // namespace kvq
